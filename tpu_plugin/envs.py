@@ -1,0 +1,55 @@
+"""Every ``TPU_PLUGIN_*`` environment variable, read in one place.
+
+Values are read when asked for (not cached at import), because vLLM starts several processes
+and the ``--device`` flag is turned into ``TPU_PLUGIN_DEVICE`` before the engine starts.
+"""
+
+from __future__ import annotations
+
+import os
+
+DEVICES = ("tpu", "cpu", "gpu")
+MODEL_IMPLS = ("auto", "jax", "torchax")
+ATTENTION_IMPLS = ("auto", "reference", "pallas", "pallas-interpret")
+
+
+def _choice(name: str, valid: tuple[str, ...], default: str | None) -> str | None:
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value not in valid:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of: {', '.join(valid)}")
+    return value
+
+
+def device() -> str | None:
+    """``TPU_PLUGIN_DEVICE``: tpu|cpu|gpu; the JAX backend to run on (set by ``--device``)."""
+    return _choice("TPU_PLUGIN_DEVICE", DEVICES, None)
+
+
+def model_impl() -> str:
+    """``TPU_PLUGIN_MODEL_IMPL``: auto|jax|torchax; ``auto`` picks the JAX port if one exists."""
+    return _choice("TPU_PLUGIN_MODEL_IMPL", MODEL_IMPLS, "auto") or "auto"
+
+
+def attention_impl() -> str:
+    """``TPU_PLUGIN_ATTENTION``: auto|reference|pallas|pallas-interpret.
+
+    ``auto`` is the Pallas kernel on TPU and the pure-jnp reference elsewhere;
+    ``pallas-interpret`` runs the TPU kernel in interpret mode on CPU (debugging, tests).
+    """
+    return _choice("TPU_PLUGIN_ATTENTION", ATTENTION_IMPLS, "auto") or "auto"
+
+
+def plugin_home() -> str:
+    """``TPU_PLUGIN_HOME``: cache root for built models and compiled programs."""
+    default = os.path.join(os.path.expanduser("~"), ".cache", "tpu-plugin")
+    return os.environ.get("TPU_PLUGIN_HOME", default)
+
+
+def compile_cache_dir() -> str | None:
+    """``TPU_PLUGIN_COMPILE_CACHE``: JAX persistent compilation cache dir ("off" disables)."""
+    value = os.environ.get("TPU_PLUGIN_COMPILE_CACHE", "")
+    if value.lower() == "off":
+        return None
+    return value or os.path.join(plugin_home(), "jax-compile-cache")

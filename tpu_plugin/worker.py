@@ -1,0 +1,152 @@
+"""The vLLM worker: picks the JAX backend, sizes the KV cache, and hands steps to the runner.
+
+vLLM's engine core calls these methods (``init_device``, ``load_model``, ``get_kv_cache_spec``,
+``determine_available_memory``, ``initialize_from_config``, ``compile_or_warm_up_model``, then
+``execute_model``/``sample_tokens`` every step).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import psutil
+from vllm.config import VllmConfig
+from vllm.logger import init_logger
+from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
+from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheSpec
+from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
+
+from tpu_plugin import envs
+from tpu_plugin.runner.model_runner import JaxModelRunner
+
+logger = init_logger(__name__)
+
+# TPU_PLUGIN_DEVICE -> the name JAX gives the backend
+JAX_PLATFORM = {"tpu": "tpu", "cpu": "cpu", "gpu": "cuda"}
+
+
+def select_jax_backend() -> str:
+    """Restricts JAX to the chosen backend (before it initialises) and returns its name."""
+    platform = JAX_PLATFORM[envs.device() or "tpu"]
+    jax.config.update("jax_platforms", platform)
+    try:
+        jax.devices(platform)
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"--device {envs.device()}: JAX finds no {platform} device ({error}); pick a "
+            "--device this host has (cpu always works)"
+        ) from None
+    return platform
+
+
+def device_memory_bytes() -> int:
+    """Memory of the first device: host RAM on CPU, the device's HBM otherwise."""
+    if (envs.device() or "tpu") == "cpu":
+        return psutil.virtual_memory().total
+    stats = jax.devices()[0].memory_stats() or {}
+    return int(stats.get("bytes_limit", 0))
+
+
+def device_memory_in_use() -> int:
+    if (envs.device() or "tpu") == "cpu":
+        return psutil.Process(os.getpid()).memory_info().rss
+    stats = jax.devices()[0].memory_stats() or {}
+    return int(stats.get("bytes_in_use", 0))
+
+
+class TpuPluginWorker(WorkerBase):
+    """One worker per process; owns the devices JAX sees."""
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        local_rank: int,
+        rank: int,
+        distributed_init_method: str,
+        is_driver_worker: bool = False,
+    ):
+        super().__init__(
+            vllm_config, local_rank, rank, distributed_init_method, is_driver_worker
+        )
+        self.model_runner: JaxModelRunner | None = None
+
+    def init_device(self) -> None:
+        platform = select_jax_backend()
+        logger.info("tpu-plugin worker on JAX %s: %s", platform, jax.devices())
+        self.model_runner = JaxModelRunner(self.vllm_config)
+
+    def load_model(self, *, load_dummy_weights: bool = False) -> None:
+        if load_dummy_weights:
+            raise ValueError("tpu-plugin loads real checkpoints only (no --load-format dummy)")
+        self.model_runner.load_model()
+
+    def get_model(self):
+        return self.model_runner.model
+
+    def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
+        return self.model_runner.get_kv_cache_spec()
+
+    def get_supported_kv_cache_layouts(self) -> list[str]:
+        """Pages are ``[block, token, kv_head, dim]`` per layer: vLLM's ``LBNHC`` layout."""
+        return ["LBNHC"]
+
+    def determine_available_memory(self) -> int:
+        """Bytes for KV pages: the explicit option, else utilization x device memory - used."""
+        explicit = self.cache_config.kv_cache_memory_bytes
+        if explicit is not None:
+            return int(explicit)
+        total = device_memory_bytes()
+        budget = int(total * self.cache_config.gpu_memory_utilization) - device_memory_in_use()
+        if (envs.device() or "tpu") == "cpu":
+            budget = min(budget, int(psutil.virtual_memory().available * 0.9))
+        if budget <= 0:
+            raise ValueError(
+                f"no memory left for the KV cache ({total / 2**30:.1f} GiB device memory at "
+                f"--gpu-memory-utilization {self.cache_config.gpu_memory_utilization}); raise "
+                "it or set --kv-cache-memory-bytes"
+            )
+        logger.info("KV cache budget: %.2f GiB", budget / 2**30)
+        return budget
+
+    def initialize_from_config(self, kv_cache_config: KVCacheConfig) -> None:
+        self.model_runner.initialize_kv_cache(kv_cache_config)
+
+    def compile_or_warm_up_model(self) -> CompilationTimes:
+        """Programs compile on first use of each bucket (precompilation is not built yet)."""
+        return CompilationTimes(language_model=0.0, encoder=0.0)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
+        return self.model_runner.execute_model(scheduler_output)
+
+    def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput:
+        return self.model_runner.sample_tokens(grammar_output)
+
+    def take_draft_token_ids(self) -> None:
+        return None
+
+    def get_supported_tasks(self) -> tuple[str, ...]:
+        return ("generate",)
+
+    def get_cache_block_size_bytes(self) -> int:
+        spec = next(iter(self.get_kv_cache_spec().values()))
+        return spec.page_size_bytes * len(self.get_kv_cache_spec())
+
+    def update_max_model_len(self, max_model_len: int) -> None:
+        self.model_config.max_model_len = max_model_len
+
+    def check_health(self) -> None:
+        return None
+
+    def reset_mm_cache(self) -> None:
+        return None
+
+    def sleep(self, level: int = 1) -> None:
+        raise NotImplementedError("tpu-plugin has no sleep mode yet")
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        raise NotImplementedError("tpu-plugin has no sleep mode yet")
+
+    def shutdown(self) -> None:
+        self.model_runner = None
