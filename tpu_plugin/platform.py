@@ -8,6 +8,7 @@ outputs) stay on the host, so ``device_type`` is ``cpu``; the accelerator belong
 from __future__ import annotations
 
 import argparse
+import os
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -142,13 +143,17 @@ class TpuPluginPlatform(Platform):
         if parallel_config.distributed_executor_backend in (None, "mp"):
             parallel_config.distributed_executor_backend = "uni"
 
+        # Engine processes must not fork a parent in which JAX/XLA threads already run
+        # (a forked XLA runtime deadlocks); spawn them, as vLLM's CPU platform does.
+        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+
         compilation_config = vllm_config.compilation_config
         compilation_config.mode = CompilationMode.NONE  # JAX compiles; no torch.compile
         compilation_config.cudagraph_mode = CUDAGraphMode.NONE
         compilation_config.cudagraph_capture_sizes = []
 
         if vllm_config.scheduler_config.async_scheduling:
-            logger.warning("tpu-plugin: async scheduling is not supported yet; disabled")
+            logger.info("tpu-plugin: async scheduling is not supported yet; running synchronously")
         vllm_config.scheduler_config.async_scheduling = False
 
         if vllm_config.speculative_config is not None:

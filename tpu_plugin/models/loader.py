@@ -75,7 +75,7 @@ def load_model(model_dir: str, hf_config: Any, dtype: jnp.dtype) -> nnx.Module:
                         unexpected.append(name)
                     continue
                 tensor = reader.get_tensor(name)
-                expected = wanted[name].value.shape
+                expected = wanted[name].get_value().shape
                 if tuple(tensor.shape) != tuple(expected):
                     raise CheckpointError(
                         f"{name} has shape {tuple(tensor.shape)} in the checkpoint, but "
