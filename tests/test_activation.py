@@ -77,7 +77,9 @@ def test_bad_env_value_fails_with_the_valid_choices():
 def test_bad_cli_value_fails_with_the_valid_choices():
     result = subprocess.run(
         [os.path.join(VENV_BIN, "vllm"), "serve", "some-model", "--device", "quantum"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={k: v for k, v in os.environ.items() if not k.startswith("TPU_PLUGIN_")},
     )
     assert result.returncode != 0
@@ -87,7 +89,9 @@ def test_bad_cli_value_fails_with_the_valid_choices():
 def test_device_flag_is_documented_in_serve_help():
     result = subprocess.run(
         [os.path.join(VENV_BIN, "vllm"), "serve", "--help=all"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, "TPU_PLUGIN_DEVICE": "cpu"},
     )
     assert result.returncode == 0, result.stderr

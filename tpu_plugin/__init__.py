@@ -64,4 +64,3 @@ def detect_platform() -> str | None:
         device = "tpu"
         os.environ["TPU_PLUGIN_DEVICE"] = device
     return PLATFORM_CLASS if device is not None else None
-

@@ -129,7 +129,8 @@ class TpuPluginPlatform(Platform):
             check_architecture(list(model_config.architectures or []))
             if model_config.runner_type != "generate":
                 raise ValueError(
-                    f"tpu-plugin runs generative models only (got runner {model_config.runner_type!r})"
+                    "tpu-plugin runs generative models only "
+                    f"(got runner {model_config.runner_type!r})"
                 )
 
         parallel_config = vllm_config.parallel_config
@@ -166,12 +167,14 @@ class TpuPluginPlatform(Platform):
         cls, processed_inputs: Any, params: SamplingParams | PoolingParams
     ) -> None:
         """Rejects (HTTP 400) sampling options the JAX sampler does not implement yet."""
+        from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import SamplingParams
 
         if isinstance(params, SamplingParams):
             unsupported = unsupported_sampling_fields(params)
             if unsupported:
-                raise ValueError(
+                raise VLLMValidationError(
                     "tpu-plugin does not support these sampling parameters yet: "
-                    + ", ".join(unsupported)
+                    + ", ".join(unsupported),
+                    parameter=unsupported[0],
                 )

@@ -67,9 +67,7 @@ class TpuPluginWorker(WorkerBase):
         distributed_init_method: str,
         is_driver_worker: bool = False,
     ):
-        super().__init__(
-            vllm_config, local_rank, rank, distributed_init_method, is_driver_worker
-        )
+        super().__init__(vllm_config, local_rank, rank, distributed_init_method, is_driver_worker)
         self.model_runner: JaxModelRunner | None = None
 
     def init_device(self) -> None:

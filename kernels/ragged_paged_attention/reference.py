@@ -34,8 +34,12 @@ def write_kv_pages(
     flat_shape = (num_pages * page_size, kv_heads, head_dim)
     # A negative index would wrap around to the cache's last slots: send it past the end.
     slot_mapping = jnp.where(slot_mapping < 0, num_pages * page_size, slot_mapping)
-    k_flat = k_pages.reshape(flat_shape).at[slot_mapping].set(new_k.astype(k_pages.dtype), mode="drop")
-    v_flat = v_pages.reshape(flat_shape).at[slot_mapping].set(new_v.astype(v_pages.dtype), mode="drop")
+    k_flat = (
+        k_pages.reshape(flat_shape).at[slot_mapping].set(new_k.astype(k_pages.dtype), mode="drop")
+    )
+    v_flat = (
+        v_pages.reshape(flat_shape).at[slot_mapping].set(new_v.astype(v_pages.dtype), mode="drop")
+    )
     return k_flat.reshape(k_pages.shape), v_flat.reshape(v_pages.shape)
 
 

@@ -38,8 +38,13 @@ def test_generate_and_chat_with_text(smollm2_dir, make_llm):
 
 
 SMALL_LLAMA = dict(
-    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
 )
 
 
@@ -59,13 +64,22 @@ def test_chunked_prefill_and_prefix_caching_change_nothing(tmp_path, make_llm):
         return first + [list(second.outputs[0].token_ids)] + mixed, second.num_cached_tokens
 
     plain = make_llm(
-        model_dir, skip_tokenizer_init=True, dtype="float32", enable_chunked_prefill=False,
-        enable_prefix_caching=False, max_num_batched_tokens=512,
+        model_dir,
+        skip_tokenizer_init=True,
+        dtype="float32",
+        enable_chunked_prefill=False,
+        enable_prefix_caching=False,
+        max_num_batched_tokens=512,
     )
     expected, cached_without = run(plain)
     featured = make_llm(
-        model_dir, skip_tokenizer_init=True, dtype="float32", enable_chunked_prefill=True,
-        enable_prefix_caching=True, max_num_batched_tokens=64, block_size=16,
+        model_dir,
+        skip_tokenizer_init=True,
+        dtype="float32",
+        enable_chunked_prefill=True,
+        enable_prefix_caching=True,
+        max_num_batched_tokens=64,
+        block_size=16,
     )
     got, cached_with = run(featured)
     assert cached_without == 0

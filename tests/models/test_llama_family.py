@@ -24,15 +24,25 @@ from tpu_plugin.layers.attention import AttentionMetadata
 from tpu_plugin.models.loader import load_model
 
 SMALL = dict(
-    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
 )
 CONFIGS = {
     "llama": lambda: LlamaConfig(**SMALL, tie_word_embeddings=False, rope_theta=10000.0),
     "llama3-rope-scaling": lambda: LlamaConfig(
         **SMALL,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
         rope_theta=500000.0,
     ),
     "smollm2-tied": lambda: LlamaConfig(**SMALL, tie_word_embeddings=True),
@@ -54,8 +64,10 @@ def jax_last_logits(model_dir, prompts: list[list[int]]) -> np.ndarray:
         shape = (pages, page_size, cfg.num_key_value_heads, head_dim)
         caches = [(jnp.zeros(shape), jnp.zeros(shape)) for _ in range(cfg.num_hidden_layers)]
         md = AttentionMetadata(
-            slot_mapping=jnp.arange(n), kv_lens=jnp.array([n]),
-            page_indices=jnp.arange(pages)[None], query_start_loc=jnp.array([0, n]),
+            slot_mapping=jnp.arange(n),
+            kv_lens=jnp.array([n]),
+            page_indices=jnp.arange(pages)[None],
+            query_start_loc=jnp.array([0, n]),
             num_seqs=jnp.array([1]),
         )
         _, hidden = model(caches, jnp.array(prompt), jnp.arange(n), md)

@@ -37,6 +37,8 @@ class Embedding(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         return jax.lax.dot_general(
-            x, self.weight[...], (((x.ndim - 1,), (1,)), ((), ())),
+            x,
+            self.weight[...],
+            (((x.ndim - 1,), (1,)), ((), ())),
             preferred_element_type=jnp.float32,
         )

@@ -87,7 +87,9 @@ class LlamaDecoderLayer(nnx.Module):
 class LlamaModel(nnx.Module):
     def __init__(self, cfg: Any, dtype: jnp.dtype):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
-        self.layers = nnx.List([LlamaDecoderLayer(cfg, dtype) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List(
+            [LlamaDecoderLayer(cfg, dtype) for _ in range(cfg.num_hidden_layers)]
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
 

@@ -36,9 +36,7 @@ def resolve_model_dir(model: str, revision: str | None = None) -> str:
         return model
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(
-        model, revision=revision, allow_patterns=["*.safetensors", "*.json"]
-    )
+    return snapshot_download(model, revision=revision, allow_patterns=["*.safetensors", "*.json"])
 
 
 def checkpoint_files(model_dir: str) -> list[str]:
@@ -90,8 +88,13 @@ def load_model(model_dir: str, hf_config: Any, dtype: jnp.dtype) -> nnx.Module:
     # Tied embeddings: checkpoints often still carry lm_head.weight; it is the embedding.
     unexpected = [n for n in unexpected if n != "lm_head.weight"]
     if unexpected:
-        logger.warning("ignoring %d checkpoint tensors with no parameter: %s", len(unexpected),
-                       ", ".join(unexpected[:5]))
+        logger.warning(
+            "ignoring %d checkpoint tensors with no parameter: %s",
+            len(unexpected),
+            ", ".join(unexpected[:5]),
+        )
 
-    flat = [(path, leaf.replace(loaded[_param_name(path)])) for path, leaf in nnx.to_flat_state(state)]
+    flat = [
+        (path, leaf.replace(loaded[_param_name(path)])) for path, leaf in nnx.to_flat_state(state)
+    ]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

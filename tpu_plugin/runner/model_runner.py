@@ -80,7 +80,10 @@ class JaxModelRunner:
 
     def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
         return kv_cache.kv_cache_spec(
-            self.num_layers, self.num_kv_heads, self.head_dim, self.block_size,
+            self.num_layers,
+            self.num_kv_heads,
+            self.head_dim,
+            self.block_size,
             self.model_config.dtype,
         )
 

