@@ -30,6 +30,9 @@ JAX_PLATFORM = {"tpu": "tpu", "cpu": "cpu", "gpu": "cuda"}
 def select_jax_backend() -> str:
     """Restricts JAX to the chosen backend (before it initialises) and returns its name."""
     platform = JAX_PLATFORM[envs.device() or "tpu"]
+    if platform == "cuda":
+        # XLA preallocates 75% of GPU memory by default; the KV budget below decides instead.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
     jax.config.update("jax_platforms", platform)
     try:
         jax.devices(platform)

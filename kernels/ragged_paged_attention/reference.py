@@ -30,17 +30,16 @@ def write_kv_pages(
     slot past the end of the cache (``num_pages * page_size`` or more) or a negative slot (vLLM's
     ``PAD_SLOT_ID`` is -1) and are dropped, so they can never overwrite a real entry.
     """
-    num_pages, page_size, kv_heads, head_dim = k_pages.shape
-    flat_shape = (num_pages * page_size, kv_heads, head_dim)
-    # A negative index would wrap around to the cache's last slots: send it past the end.
+    num_pages, page_size = k_pages.shape[:2]
+    # A negative slot would wrap around to the cache's last page: send it past the end instead.
     slot_mapping = jnp.where(slot_mapping < 0, num_pages * page_size, slot_mapping)
-    k_flat = (
-        k_pages.reshape(flat_shape).at[slot_mapping].set(new_k.astype(k_pages.dtype), mode="drop")
-    )
-    v_flat = (
-        v_pages.reshape(flat_shape).at[slot_mapping].set(new_v.astype(v_pages.dtype), mode="drop")
-    )
-    return k_flat.reshape(k_pages.shape), v_flat.reshape(v_pages.shape)
+    # Index the 4-D pages directly: a scatter into a reshaped (flattened) view is lowered by
+    # XLA CPU to a full-array loop plus copies (measured 130 ms a step for a 64 MB cache);
+    # this form stays an in-place update. Padding slots give a page index past the end.
+    page, offset = slot_mapping // page_size, slot_mapping % page_size
+    k_pages = k_pages.at[page, offset].set(new_k.astype(k_pages.dtype), mode="drop")
+    v_pages = v_pages.at[page, offset].set(new_v.astype(v_pages.dtype), mode="drop")
+    return k_pages, v_pages
 
 
 def token_layout(

@@ -1,9 +1,10 @@
 """Shapes XLA compiles for, and the persistent compilation cache.
 
 Every step is padded up to a bucket so a serving run compiles a handful of programs, not one
-per batch shape: tokens and sequences round up to powers of two (with a floor), and the width
-of the page table to the power of two of the longest sequence's pages, capped by the model's
-maximum length.
+per batch shape: tokens and sequences round up to powers of two, and the width of the page
+table to the power of two of the longest sequence's pages, capped by the model's maximum length.
+There is no floor above 1: padding a batch-1 decode to 16 tokens made every matmul 16x wider and
+halved batch-1 throughput on CPU (measured, benchmarks/NOTES_cpu_offline.md).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from tpu_plugin import envs
 
 logger = init_logger(__name__)
 
-MIN_TOKEN_BUCKET = 16
-MIN_SEQ_BUCKET = 8
+MIN_TOKEN_BUCKET = 1
+MIN_SEQ_BUCKET = 1
 
 
 def next_power_of_two(n: int) -> int:
