@@ -16,6 +16,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 PROMPT_LENGTHS = (3, 17, 5, 40, 9, 1, 28, 12)  # 8 ragged prompts, submitted together
+# Prompts for sliding-window models: all longer than the tests' window of 16 tokens.
+LONG_PROMPT_LENGTHS = (23, 41, 20, 60, 33, 27, 52, 38)
+# The dimensions of every family's test checkpoint: small enough for seconds on a CPU.
+SMALL = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
 
 
 @pytest.fixture(scope="session")
@@ -25,11 +37,16 @@ def smollm2_dir() -> Path:
     return build()
 
 
-def make_random_checkpoint(out_dir: Path, config, seed: int = 0) -> Path:
-    """Saves a random-weight fp32 model of ``config`` (a transformers config) to ``out_dir``.
+def make_random_checkpoint(
+    out_dir: Path, config, seed: int = 0, norm_noise: float = 0.0, dtype: str = "float32"
+) -> Path:
+    """Saves a random-weight model of ``config`` (a transformers config) to ``out_dir``.
 
     Weights are drawn with a large init scale so logits are well separated and greedy
-    decoding is not decided by rounding-level ties.
+    decoding is not decided by rounding-level ties. HF initialises norm weights to a constant
+    (1, or 0 for Gemma's ``1 + weight`` form), which would hide a wrong norm formula:
+    ``norm_noise`` adds that much Gaussian noise to every norm weight. ``dtype`` is the saved
+    checkpoint's dtype (``"bfloat16"`` to test loading a bf16 checkpoint).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -37,7 +54,12 @@ def make_random_checkpoint(out_dir: Path, config, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config.initializer_range = 0.5
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    if norm_noise:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "norm" in name:
+                    param.add_(torch.randn_like(param) * norm_noise)
+    model.to(getattr(torch, dtype)).save_pretrained(out_dir, safe_serialization=True)
     return out_dir
 
 
@@ -80,6 +102,75 @@ def hf_last_logits(model_dir: Path, prompts: list[list[int]]):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():
         return np.stack([model(torch.tensor([p])).logits[0, -1].numpy() for p in prompts])
+
+
+def jax_last_logits(model_dir: Path, prompts: list[list[int]], dtype=None):
+    """The port's last-position logits (float32 numpy), each prompt alone through fresh pages.
+
+    Runs the loaded flax model directly (no vLLM), with one sequence per call and pages of 16
+    tokens, so a mismatch points at the model rather than at batching. ``dtype`` is the
+    serving dtype (default float32).
+    """
+    import jax.numpy as jnp
+    import numpy as np
+    from transformers import AutoConfig
+
+    from tpu_plugin.layers.attention import AttentionMetadata
+    from tpu_plugin.models.llama import head_dim_of
+    from tpu_plugin.models.loader import load_model
+
+    dtype = dtype or jnp.float32
+    cfg = AutoConfig.from_pretrained(model_dir)
+    model = load_model(str(model_dir), cfg, dtype)
+    page_size, rows = 16, []
+    for prompt in prompts:
+        n = len(prompt)
+        pages = -(-n // page_size)
+        shape = (pages, page_size, cfg.num_key_value_heads, head_dim_of(cfg))
+        caches = [
+            (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_hidden_layers)
+        ]
+        md = AttentionMetadata(
+            slot_mapping=jnp.arange(n),
+            kv_lens=jnp.array([n]),
+            page_indices=jnp.arange(pages)[None],
+            query_start_loc=jnp.array([0, n]),
+            num_seqs=jnp.array([1]),
+        )
+        _, hidden = model(caches, jnp.array(prompt), jnp.arange(n), md)
+        rows.append(np.asarray(model.compute_logits(hidden[-1:]), np.float32)[0])
+    return np.stack(rows)
+
+
+def max_rel_error(ours, theirs) -> float:
+    """``max |ours - theirs| / max |theirs|``: the parity metric of every model test."""
+    import numpy as np
+
+    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+
+
+def assert_logits_match_hf(
+    model_dir: Path, prompts: list[list[int]], label: str, tol: float = 1e-4, dtype=None
+) -> float:
+    """Checks the port's last-position logits against HF fp32; returns (and prints) the error."""
+    rel = max_rel_error(
+        jax_last_logits(model_dir, prompts, dtype), hf_last_logits(model_dir, prompts)
+    )
+    print(f"{label}: last-position logits rel. error {rel:.2e} (tolerance {tol:.0e})")
+    assert rel <= tol, f"{label}: logits rel. error {rel:.2e} > {tol:.0e}"
+    return rel
+
+
+def assert_greedy_matches_hf(
+    make_llm, model_dir: Path, prompts: list[list[int]], max_tokens: int = 32
+) -> None:
+    """Greedy tokens through ``vllm.LLM`` (ragged batch, fp32) equal HF's, prompt by prompt."""
+    expected = hf_greedy(model_dir, prompts, max_tokens)
+    llm = make_llm(model_dir, skip_tokenizer_init=True, dtype="float32")
+    got = greedy_tokens(llm, prompts, max_tokens)
+    mismatched = [i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b]
+    print(f"greedy: {len(prompts) - len(mismatched)}/{len(prompts)} prompts identical")
+    assert not mismatched, f"prompts {mismatched} differ from HF greedy"
 
 
 @pytest.fixture

@@ -3,18 +3,33 @@
 Which implementation runs is decided once per process (``TPU_PLUGIN_ATTENTION``):
 the Mosaic Pallas kernel on TPU, the pure-jnp reference elsewhere, or the TPU kernel in
 interpret mode on CPU for debugging and for end-to-end tests of the kernel.
+
+:class:`SelfAttention` is the attention block every dense family builds from an
+:class:`AttentionSpec` (projections, optional per-head q/k norm, rotary embedding, the call).
+
+Sliding-window layers (Mistral, Phi-3, Gemma 3's local layers, Qwen with ``use_sliding_window``)
+keep the KV cache a single full-attention group: vLLM keeps every block of a request, and the
+window is enforced by masking in the kernel. That spends memory on keys no query can see any
+more, but keeps one page table for all layers (prefix caching and chunked prefill unchanged);
+freeing out-of-window blocks needs vLLM's hybrid KV cache groups, not supported yet.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+from flax import nnx
 
 from tpu_kernels.ragged_paged_attention import reference
 from tpu_plugin import envs
+from tpu_plugin.layers.linear import Linear
+from tpu_plugin.layers.norm import RMSNorm
+from tpu_plugin.layers.rope import RotaryEmbedding
 
 KVCache = tuple[jax.Array, jax.Array]  # (k_pages, v_pages): [num_pages, page_size, kv_heads, dim]
 
@@ -68,3 +83,93 @@ def paged_attention(
         soft_cap=soft_cap,
     )
     return out, (k_pages, v_pages)
+
+
+def sliding_window_of(hf_config: Any, layer_idx: int) -> int | None:
+    """Layer ``layer_idx``'s window as Hugging Face applies it, or ``None`` for full attention.
+
+    With ``layer_types`` (Gemma 3, Qwen2/3) only ``"sliding_attention"`` layers slide; without
+    it (Mistral, Phi-3) ``sliding_window`` applies to every layer. In transformers 5.19 a query
+    at position ``p`` sees keys ``p - W < k <= p``, i.e. ``W`` keys counting itself
+    (``masking_utils.sliding_window_overlay``), which is exactly the kernel's
+    ``sliding_window=W`` convention, so the value passes through unchanged.
+    """
+    window = getattr(hf_config, "sliding_window", None)
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is None:
+        return window
+    kind = layer_types[layer_idx]
+    if kind == "full_attention":
+        return None
+    if kind == "sliding_attention":
+        return window
+    raise ValueError(
+        f"layer type {kind!r} (layer {layer_idx}) is not supported; supported: "
+        "full_attention, sliding_attention"
+    )
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Everything that distinguishes one family's (and one layer's) attention block.
+
+    Frozen and hashable: the spec is static data of the module, known at trace time.
+    """
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope: RotaryEmbedding
+    qkv_bias: bool = False
+    o_bias: bool = False
+    # Per-head RMSNorm of q and k before rope (Qwen3, Gemma 3): its epsilon, None for none.
+    qk_norm_eps: float | None = None
+    qk_norm_offset: float = 0.0  # 1.0 for Gemma's (1 + weight) norm
+    sm_scale: float | None = None  # None: head_dim ** -0.5
+    sliding_window: int | None = None
+    soft_cap: float | None = None
+
+
+class SelfAttention(nnx.Module):
+    """q/k/v projections, optional q/k norm, rope, paged attention, output projection.
+
+    Parameter names follow Hugging Face (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``,
+    ``q_norm``, ``k_norm``), so checkpoints load by name.
+    """
+
+    def __init__(self, spec: AttentionSpec, dtype: jnp.dtype):
+        self.spec = spec
+        q_dim, kv_dim = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        self.q_proj = Linear(spec.hidden_size, q_dim, dtype, bias=spec.qkv_bias)
+        self.k_proj = Linear(spec.hidden_size, kv_dim, dtype, bias=spec.qkv_bias)
+        self.v_proj = Linear(spec.hidden_size, kv_dim, dtype, bias=spec.qkv_bias)
+        self.o_proj = Linear(q_dim, spec.hidden_size, dtype, bias=spec.o_bias)
+        if spec.qk_norm_eps is not None:
+            eps, offset = spec.qk_norm_eps, spec.qk_norm_offset
+            self.q_norm = RMSNorm(spec.head_dim, eps, dtype, weight_offset=offset)
+            self.k_norm = RMSNorm(spec.head_dim, eps, dtype, weight_offset=offset)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, kv_cache: KVCache, md: AttentionMetadata
+    ) -> tuple[jax.Array, KVCache]:
+        spec, tokens = self.spec, x.shape[0]
+        q = self.q_proj(x).reshape(tokens, spec.num_heads, spec.head_dim)
+        k = self.k_proj(x).reshape(tokens, spec.num_kv_heads, spec.head_dim)
+        v = self.v_proj(x).reshape(tokens, spec.num_kv_heads, spec.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = spec.rope(q, positions), spec.rope(k, positions)
+        out, kv_cache = paged_attention(
+            q,
+            k,
+            v,
+            kv_cache,
+            md,
+            sm_scale=spec.sm_scale if spec.sm_scale is not None else spec.head_dim**-0.5,
+            sliding_window=spec.sliding_window,
+            soft_cap=spec.soft_cap,
+        )
+        return self.o_proj(out.reshape(tokens, -1)), kv_cache

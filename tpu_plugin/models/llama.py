@@ -1,4 +1,11 @@
-"""The Llama family in flax nnx: Llama 2/3.x, SmolLM2 (tied embeddings), Qwen2/2.5 (q/k/v bias).
+"""The Llama family in flax nnx, and the dense decoder the other families build on.
+
+Llama 2/3.x, SmolLM2 (tied embeddings) and Qwen2/2.5 (q/k/v bias) live here; Qwen3, Mistral,
+Phi-3 and Gemma 3 subclass :class:`LlamaForCausalLM` in their own files and override only the
+class-level hooks (:meth:`~LlamaForCausalLM.attention_spec`,
+:meth:`~LlamaForCausalLM.decoder_layer`, :meth:`~LlamaForCausalLM.embed`,
+:meth:`~LlamaForCausalLM.compute_logits`, :meth:`~LlamaForCausalLM.fused_checkpoint_tensors`),
+never the forward loop, so what the runner calls is the same for every family.
 
 Module and parameter names mirror the Hugging Face checkpoint (``model.layers.3.self_attn.q_proj
 .weight``), so weights load by name with no mapping table. Layers are separate modules, not a
@@ -7,73 +14,51 @@ Module and parameter names mirror the Hugging Face checkpoint (``model.layers.3.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tpu_plugin.layers.attention import AttentionMetadata, KVCache, paged_attention
+from tpu_plugin.layers.attention import (
+    AttentionMetadata,
+    AttentionSpec,
+    KVCache,
+    SelfAttention,
+    sliding_window_of,
+)
 from tpu_plugin.layers.linear import Embedding, Linear
+from tpu_plugin.layers.mlp import GatedMLP
 from tpu_plugin.layers.norm import RMSNorm
-from tpu_plugin.layers.rope import apply_rope, rope_frequencies
+from tpu_plugin.layers.rope import RotaryEmbedding
 
 
 def head_dim_of(cfg: Any) -> int:
+    """Per-head width: explicit ``head_dim`` (Qwen3, Gemma) or ``hidden / heads``."""
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
-class LlamaAttention(nnx.Module):
-    def __init__(self, cfg: Any, dtype: jnp.dtype):
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = head_dim_of(cfg)
-        # Qwen2 has q/k/v biases and no o_proj bias; Llama's attention_bias covers all four.
-        qkv_bias = bool(getattr(cfg, "attention_bias", False)) or cfg.model_type == "qwen2"
-        o_bias = bool(getattr(cfg, "attention_bias", False))
-        hidden = cfg.hidden_size
-        self.q_proj = Linear(hidden, self.num_heads * self.head_dim, dtype, bias=qkv_bias)
-        self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, dtype, bias=qkv_bias)
-        self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, dtype, bias=qkv_bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, dtype, bias=o_bias)
-        inv_freq, self.rope_scaling = rope_frequencies(cfg, self.head_dim)
-        # A constant of the architecture, not a weight: kept static (hashable) on the module.
-        self.inv_freq = tuple(float(f) for f in inv_freq)
-        self.sm_scale = self.head_dim**-0.5
-
-    def __call__(
-        self, x: jax.Array, positions: jax.Array, kv_cache: KVCache, md: AttentionMetadata
-    ) -> tuple[jax.Array, KVCache]:
-        tokens = x.shape[0]
-        q = self.q_proj(x).reshape(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(tokens, self.num_kv_heads, self.head_dim)
-        inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
-        q = apply_rope(q, positions, inv_freq, self.rope_scaling)
-        k = apply_rope(k, positions, inv_freq, self.rope_scaling)
-        out, kv_cache = paged_attention(q, k, v, kv_cache, md, sm_scale=self.sm_scale)
-        return self.o_proj(out.reshape(tokens, -1)), kv_cache
-
-
-class GatedMLP(nnx.Module):
-    """``down(silu(gate(x)) * up(x))``."""
-
-    def __init__(self, hidden: int, intermediate: int, dtype: jnp.dtype, bias: bool = False):
-        self.gate_proj = Linear(hidden, intermediate, dtype, bias=bias)
-        self.up_proj = Linear(hidden, intermediate, dtype, bias=bias)
-        self.down_proj = Linear(intermediate, hidden, dtype, bias=bias)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+def layer_type_of(cfg: Any, layer_idx: int) -> str | None:
+    """``config.layer_types[layer_idx]`` where the config has per-layer types, else ``None``."""
+    layer_types = getattr(cfg, "layer_types", None)
+    return layer_types[layer_idx] if layer_types else None
 
 
 class LlamaDecoderLayer(nnx.Module):
-    def __init__(self, cfg: Any, dtype: jnp.dtype):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, cfg: Any, spec: AttentionSpec, dtype: jnp.dtype):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = LlamaAttention(cfg, dtype)
+        self.self_attn = SelfAttention(spec, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        mlp_bias = bool(getattr(cfg, "mlp_bias", False))
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype, bias=mlp_bias)
+        self.mlp = GatedMLP(
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            dtype,
+            bias=bool(getattr(cfg, "mlp_bias", False)),
+            act=getattr(cfg, "hidden_act", "silu"),
+        )
 
     def __call__(
         self, x: jax.Array, positions: jax.Array, kv_cache: KVCache, md: AttentionMetadata
@@ -85,22 +70,63 @@ class LlamaDecoderLayer(nnx.Module):
 
 
 class LlamaModel(nnx.Module):
-    def __init__(self, cfg: Any, dtype: jnp.dtype):
+    """Embedding, the decoder layers and the final norm (HF's ``model.`` prefix)."""
+
+    def __init__(self, cfg: Any, layers: list[nnx.Module], dtype: jnp.dtype, norm_offset: float):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
-        self.layers = nnx.List(
-            [LlamaDecoderLayer(cfg, dtype) for _ in range(cfg.num_hidden_layers)]
-        )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.layers = nnx.List(layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, weight_offset=norm_offset)
 
 
 class LlamaForCausalLM(nnx.Module):
     """Entry point of the family; the runner calls :meth:`__call__` and :meth:`compute_logits`."""
 
+    # Gemma's RMSNorm scales by (1 + weight); 0.0 is the plain ``weight`` form.
+    norm_offset: ClassVar[float] = 0.0
+
     def __init__(self, cfg: Any, dtype: jnp.dtype):
-        self.model = LlamaModel(cfg, dtype)
+        layers = [self.decoder_layer(cfg, i, dtype) for i in range(cfg.num_hidden_layers)]
+        self.model = LlamaModel(cfg, layers, dtype, self.norm_offset)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         if not self.tie_word_embeddings:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype)
+
+    # ---- hooks the other families override ------------------------------------------------
+
+    @classmethod
+    def attention_spec(cls, cfg: Any, layer_idx: int) -> AttentionSpec:
+        """Layer ``layer_idx``'s attention; Llama's ``attention_bias`` covers all four."""
+        head_dim = head_dim_of(cfg)
+        bias = bool(getattr(cfg, "attention_bias", False))
+        return AttentionSpec(
+            hidden_size=cfg.hidden_size,
+            num_heads=cfg.num_attention_heads,
+            num_kv_heads=cfg.num_key_value_heads,
+            head_dim=head_dim,
+            rope=RotaryEmbedding.from_config(cfg, head_dim, layer_type_of(cfg, layer_idx)),
+            qkv_bias=bias,
+            o_bias=bias,
+            sliding_window=sliding_window_of(cfg, layer_idx),
+        )
+
+    def decoder_layer(self, cfg: Any, layer_idx: int, dtype: jnp.dtype) -> nnx.Module:
+        return LlamaDecoderLayer(cfg, self.attention_spec(cfg, layer_idx), dtype)
+
+    @classmethod
+    def fused_checkpoint_tensors(cls, cfg: Any) -> dict[str, list[tuple[str, int]]]:
+        """Checkpoint modules whose tensors stack several of this port's modules on axis 0.
+
+        ``{"self_attn.qkv_proj": [("self_attn.q_proj", rows), ...]}`` makes the loader cut
+        ``model.layers.N.self_attn.qkv_proj.{weight,bias}`` into ``q_proj``/``k_proj``/...
+        ``rows`` each, in order; a single entry is a plain rename. A checkpoint that already
+        has the split names loads as is, so both layouts work. Llama needs none.
+        """
+        return {}
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return self.model.embed_tokens(input_ids)
+
+    # ---- what the runner calls --------------------------------------------------------------
 
     def __call__(
         self,
@@ -109,7 +135,7 @@ class LlamaForCausalLM(nnx.Module):
         positions: jax.Array,
         md: AttentionMetadata,
     ) -> tuple[list[KVCache], jax.Array]:
-        x = self.model.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         new_caches = []
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
             x, kv_cache = layer(x, positions, kv_cache, md)
@@ -121,3 +147,12 @@ class LlamaForCausalLM(nnx.Module):
         if self.tie_word_embeddings:
             return self.model.embed_tokens.attend(hidden)
         return self.lm_head(hidden).astype(jnp.float32)
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2/2.5: Llama with biases on q/k/v (none on o_proj)."""
+
+    @classmethod
+    def attention_spec(cls, cfg: Any, layer_idx: int) -> AttentionSpec:
+        spec = super().attention_spec(cfg, layer_idx)
+        return dataclasses.replace(spec, qkv_bias=True, o_bias=False)

@@ -1,8 +1,13 @@
 """Builds a native model and fills it from a Hugging Face safetensors checkpoint.
 
 The model is first built abstractly (``nnx.eval_shape``: shapes only, no memory), then every
-parameter is read by its Hugging Face name, checked for shape and cast to the serving dtype.
-A missing or misshaped tensor stops start-up with its name; nothing is left random.
+parameter is read by its Hugging Face name, checked for shape and cast to the serving dtype
+(checkpoints in bf16, fp16 or fp32 all load into any serving dtype). A missing, duplicated or
+misshaped tensor stops start-up with its name; nothing is left random.
+
+The one per-model hook is ``fused_checkpoint_tensors`` (see
+:meth:`tpu_plugin.models.llama.LlamaForCausalLM.fused_checkpoint_tensors`): checkpoint tensors
+that stack several of the port's parameters (Phi-3's ``qkv_proj``) are cut on axis 0 into them.
 """
 
 from __future__ import annotations
@@ -56,30 +61,67 @@ def _param_name(path: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in path)
 
 
+def split_targets(
+    name: str, fused: dict[str, list[tuple[str, int]]]
+) -> list[tuple[str, int | None]]:
+    """The parameters checkpoint tensor ``name`` fills, with their rows (``None``: all of it).
+
+    ``model.layers.0.self_attn.qkv_proj.weight`` with ``{"self_attn.qkv_proj": [("self_attn
+    .q_proj", 64), …]}`` gives ``[("model.layers.0.self_attn.q_proj.weight", 64), …]``.
+    """
+    module, _, leaf = name.rpartition(".")
+    for key, parts in fused.items():
+        if module == key or module.endswith("." + key):
+            base = module[: len(module) - len(key)]
+            return [(f"{base}{part}.{leaf}", rows) for part, rows in parts]
+    return [(name, None)]
+
+
+def _cut(name: str, tensor: jax.Array, targets: list[tuple[str, int | None]]) -> list[jax.Array]:
+    if len(targets) == 1 and targets[0][1] is None:
+        return [tensor]
+    rows = [r for _, r in targets]
+    if sum(rows) != tensor.shape[0]:
+        raise CheckpointError(
+            f"{name} has {tensor.shape[0]} rows in the checkpoint, but its parts "
+            f"({', '.join(t for t, _ in targets)}) need {sum(rows)}"
+        )
+    bounds = [sum(rows[:i]) for i in range(1, len(rows))]
+    return jnp.split(tensor, bounds, axis=0)
+
+
 def load_model(model_dir: str, hf_config: Any, dtype: jnp.dtype) -> nnx.Module:
     """The architecture's flax model with the checkpoint's weights, in ``dtype``."""
     model_class = resolve_model_class(list(hf_config.architectures or []))
     abstract = nnx.eval_shape(lambda: model_class(hf_config, dtype))
     graphdef, state = nnx.split(abstract)
     wanted = {_param_name(path): leaf for path, leaf in nnx.to_flat_state(state)}
+    fused = model_class.fused_checkpoint_tensors(hf_config)
 
     loaded: dict[str, jax.Array] = {}
     unexpected: list[str] = []
     for file in checkpoint_files(model_dir):
         with safe_open(file, framework="flax") as reader:
             for name in reader.keys():  # noqa: SIM118 (safe_open is not a dict)
-                if name not in wanted:
+                targets = split_targets(name, fused)
+                if not any(target in wanted for target, _ in targets):
                     if not name.endswith(_IGNORED_SUFFIXES):
                         unexpected.append(name)
                     continue
                 tensor = reader.get_tensor(name)
-                expected = wanted[name].get_value().shape
-                if tuple(tensor.shape) != tuple(expected):
-                    raise CheckpointError(
-                        f"{name} has shape {tuple(tensor.shape)} in the checkpoint, but "
-                        f"{model_class.__name__} expects {tuple(expected)}"
-                    )
-                loaded[name] = tensor.astype(dtype)
+                for (target, _), part in zip(targets, _cut(name, tensor, targets), strict=True):
+                    if target not in wanted:
+                        unexpected.append(target)
+                        continue
+                    if target in loaded:
+                        raise CheckpointError(f"{target} appears twice in checkpoint {model_dir}")
+                    expected = wanted[target].get_value().shape
+                    if tuple(part.shape) != tuple(expected):
+                        raise CheckpointError(
+                            f"{target} has shape {tuple(part.shape)} in the checkpoint, but "
+                            f"{model_class.__name__} expects {tuple(expected)}"
+                        )
+                    loaded[target] = part.astype(dtype)
 
     missing = sorted(set(wanted) - set(loaded))
     if missing:

@@ -12,8 +12,12 @@ from tpu_plugin import envs
 
 # architecture name (config.json "architectures") -> "module:Class" of the flax nnx port
 _JAX_MODELS: dict[str, str] = {
+    "Gemma3ForCausalLM": "tpu_plugin.models.gemma3:Gemma3ForCausalLM",
     "LlamaForCausalLM": "tpu_plugin.models.llama:LlamaForCausalLM",
-    "Qwen2ForCausalLM": "tpu_plugin.models.llama:LlamaForCausalLM",
+    "MistralForCausalLM": "tpu_plugin.models.mistral:MistralForCausalLM",
+    "Phi3ForCausalLM": "tpu_plugin.models.phi3:Phi3ForCausalLM",
+    "Qwen2ForCausalLM": "tpu_plugin.models.llama:Qwen2ForCausalLM",
+    "Qwen3ForCausalLM": "tpu_plugin.models.qwen3:Qwen3ForCausalLM",
 }
 
 
