@@ -1,0 +1,256 @@
+"""Every GPU benchmark in one call on the lent machine; the table prints last.
+
+    python3 benchmarks/gpu_suite.py [--smoke] [--batches 1 32 128] [--skip-hf]
+
+1. copy bandwidth of the GPU (torch device-to-device copy, bytes read + written);
+2. a Llama-3-8B-shaped bf16 checkpoint with random weights, written on the device;
+3. the plugin (``vllm.LLM``, TPU_PLUGIN_DEVICE=gpu): decode throughput per batch size with
+   512-token prompts and 256 new tokens (greedy, ignore_eos); decode time = full run minus a
+   prefill-only run (max_tokens=1), both after a warm-up run that compiles the buckets;
+4. HF transformers ``generate`` on the same GPU, same prompts, timed the same way;
+5. the HBM roofline: (weights + KV bytes read per step) / measured copy bandwidth.
+
+``--smoke`` uses a 2-layer model and small shapes to prove the path in a minute. Partial
+results are written to $OUT/gpu_suite.json after each stage, so a run cut short still reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+
+os.environ.setdefault("TPU_PLUGIN_DEVICE", "gpu")
+OUT = os.environ.get("OUT", "/tmp")
+RESULTS: dict = {}
+
+
+def save() -> None:
+    with open(os.path.join(OUT, "gpu_suite.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1)
+
+
+def copy_bandwidth() -> float:
+    import torch
+
+    x = torch.empty(2**30, dtype=torch.float32, device="cuda")  # 4 GiB
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        y.copy_(x)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1e3 / 10
+    del x, y
+    torch.cuda.empty_cache()
+    return 2 * 4 * 2**30 / seconds
+
+
+def llama_config(smoke: bool):
+    from transformers import LlamaConfig
+
+    if smoke:
+        return LlamaConfig(
+            vocab_size=32000,
+            hidden_size=512,
+            intermediate_size=1024,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            max_position_embeddings=2048,
+            tie_word_embeddings=False,
+        )
+    return LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+    )
+
+
+def write_checkpoint(path: str, config) -> int:
+    """Random bf16 weights (std 0.02, norms at 1) in HF names; returns the weight bytes."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    os.makedirs(path, exist_ok=True)
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(path)
+    with torch.device("meta"):
+        shapes = {
+            k: v.shape for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()
+        }
+    total, shard, shard_bytes, index = 0, {}, 0, {}
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def flush(n: int) -> None:
+        name = f"model-{n:05d}.safetensors"
+        save_file(shard, os.path.join(path, name))
+        index.update({k: name for k in shard})
+
+    n = 0
+    for key, shape in shapes.items():
+        if key.endswith("norm.weight"):
+            t = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            t = (
+                torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16) * 0.02
+            ).cpu()
+        shard[key] = t
+        shard_bytes += t.numel() * 2
+        total += t.numel() * 2
+        if shard_bytes > 4 * 2**30:
+            flush(n)
+            n, shard, shard_bytes = n + 1, {}, 0
+    if shard:
+        flush(n)
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": index}, f)
+    return total
+
+
+def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
+    import numpy as np
+
+    rng = np.random.default_rng(batch)
+    return [rng.integers(10, vocab - 10, length).tolist() for _ in range(batch)]
+
+
+def bench_plugin(path: str, batches: list[int], prompt_len: int, new_tokens: int, vocab: int):
+    from vllm import LLM, SamplingParams
+
+    start = time.perf_counter()
+    llm = LLM(
+        model=path,
+        skip_tokenizer_init=True,
+        dtype="bfloat16",
+        max_model_len=prompt_len + new_tokens + 16,
+        max_num_seqs=max(batches),
+        max_num_batched_tokens=8192,
+        gpu_memory_utilization=0.9,
+        enable_prefix_caching=False,
+    )  # reruns of the same prompts must recompute
+    RESULTS["plugin_startup_s"] = time.perf_counter() - start
+    save()
+    for batch in batches:
+        inputs = [{"prompt_token_ids": p} for p in prompts(batch, prompt_len, vocab)]
+        full = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+        first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+        t0 = time.perf_counter()
+        llm.generate(inputs, full, use_tqdm=False)  # compiles this batch's buckets
+        llm.generate(inputs, first, use_tqdm=False)
+        t1 = time.perf_counter()
+        llm.generate(inputs, first, use_tqdm=False)
+        t2 = time.perf_counter()
+        outs = llm.generate(inputs, full, use_tqdm=False)
+        t3 = time.perf_counter()
+        assert all(len(o.outputs[0].token_ids) == new_tokens for o in outs)
+        decode_s = (t3 - t2) - (t2 - t1)
+        RESULTS[f"plugin@{batch}"] = {
+            "warmup_s": t1 - t0,
+            "prefill_s": t2 - t1,
+            "full_s": t3 - t2,
+            "decode_tok_s": batch * (new_tokens - 1) / decode_s,
+            "tokens": [o.outputs[0].token_ids[:8] for o in outs[:2]],
+        }
+        print("plugin", batch, RESULTS[f"plugin@{batch}"], flush=True)
+        save()
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def bench_hf(path: str, batches: list[int], prompt_len: int, new_tokens: int, vocab: int):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda()
+    model.generation_config.eos_token_id = None
+    for batch in batches:
+        ids = torch.tensor(prompts(batch, prompt_len, vocab), device="cuda")
+        mask = torch.ones_like(ids)
+
+        def run(n: int, ids: torch.Tensor = ids, mask: torch.Tensor = mask) -> float:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            with torch.no_grad():
+                model.generate(
+                    ids,
+                    attention_mask=mask,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
+            torch.cuda.synchronize()
+            return time.perf_counter() - start
+
+        run(2)
+        prefill_s, full_s = run(1), run(new_tokens)
+        RESULTS[f"hf@{batch}"] = {
+            "prefill_s": prefill_s,
+            "full_s": full_s,
+            "decode_tok_s": batch * (new_tokens - 1) / (full_s - prefill_s),
+        }
+        print("hf", batch, RESULTS[f"hf@{batch}"], flush=True)
+        save()
+
+
+def roofline_tok_s(config, weight_bytes: int, batch: int, context: float, bw: float) -> float:
+    head_dim = config.hidden_size // config.num_attention_heads
+    kv_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 2
+    step_bytes = weight_bytes + batch * context * kv_bytes
+    return batch / (step_bytes / bw)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--batches", type=int, nargs="+", default=None)
+    parser.add_argument("--skip-hf", action="store_true")
+    args = parser.parse_args()
+    batches = args.batches or ([1, 4] if args.smoke else [1, 32, 128])
+    prompt_len, new_tokens = (64, 32) if args.smoke else (512, 256)
+
+    bw = copy_bandwidth()
+    RESULTS["copy_bw_bytes_s"] = bw
+    config = llama_config(args.smoke)
+    path = "/tmp/llama-smoke" if args.smoke else "/tmp/llama-3-8b-random"
+    start = time.perf_counter()
+    weight_bytes = write_checkpoint(path, config)
+    RESULTS.update(weight_bytes=weight_bytes, checkpoint_s=time.perf_counter() - start)
+    save()
+    bench_plugin(path, batches, prompt_len, new_tokens, config.vocab_size)
+    if not args.skip_hf:
+        bench_hf(path, batches, prompt_len, new_tokens, config.vocab_size)
+
+    context = prompt_len + new_tokens / 2
+    print(
+        f"\ncopy bandwidth {bw / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB; "
+        f"plugin start-up {RESULTS['plugin_startup_s']:.0f} s; prompts {prompt_len}, "
+        f"{new_tokens} new tokens"
+    )
+    print("| batch | plugin decode tok/s | % of roofline | HF decode tok/s | plugin / HF |")
+    print("|---|---|---|---|---|")
+    for batch in batches:
+        ours = RESULTS[f"plugin@{batch}"]["decode_tok_s"]
+        roof = roofline_tok_s(config, weight_bytes, batch, context, bw)
+        hf = RESULTS.get(f"hf@{batch}", {}).get("decode_tok_s")
+        hf_cols = f"{hf:.1f} | {ours / hf:.2f}x" if hf else "- | -"
+        print(f"| {batch} | {ours:.1f} | {100 * ours / roof:.0f}% | {hf_cols} |")
+    save()
+
+
+if __name__ == "__main__":
+    main()
