@@ -51,6 +51,74 @@ def copy_bandwidth() -> float:
     return 2 * 4 * 2**30 / seconds
 
 
+def bench_attention_kernels(contexts: list[int], bw: float, batch: int = 64) -> None:
+    """Ragged paged attention decode (GQA 32/8, head 128, bf16, page 16): achieved KV bytes/s.
+
+    Runs in a subprocess-free way before the engine starts; JAX's preallocation is turned off
+    for this process so the engine (a separate process) still gets its memory.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from tpu_kernels.ragged_paged_attention import reference
+
+    impls = {"reference": reference.ragged_paged_attention}
+    try:
+        from tpu_kernels.ragged_paged_attention import gpu
+
+        impls["pallas-gpu"] = gpu.ragged_paged_attention
+    except ImportError:
+        pass
+    q_heads, kv_heads, dim, page = 32, 8, 128, 16
+    for context in contexts:
+        pages_per_seq = context // page
+        num_pages = batch * pages_per_seq
+        key = jax.random.key(context)
+        kq, kk, kv = jax.random.split(key, 3)
+        q = jax.random.normal(kq, (batch, q_heads, dim), jnp.bfloat16)
+        k = jax.random.normal(kk, (num_pages, page, kv_heads, dim), jnp.bfloat16)
+        v = jax.random.normal(kv, (num_pages, page, kv_heads, dim), jnp.bfloat16)
+        table = jnp.asarray(np.random.default_rng(0).permutation(num_pages).reshape(batch, -1))
+        kv_lens = jnp.full((batch,), context, jnp.int32)
+        starts = jnp.arange(batch + 1, dtype=jnp.int32)
+        num_seqs = jnp.array([batch], jnp.int32)
+        kv_bytes = 2 * batch * context * kv_heads * dim * 2
+        outputs = {}
+        for name, fn in impls.items():
+            layout = (kv_lens, table, starts, num_seqs)
+            call = jax.jit(lambda q, k, v, layout, fn=fn: fn(q, k, v, *layout, sm_scale=dim**-0.5))
+            try:
+                out = call(q, k, v, layout).block_until_ready()
+            except Exception as error:  # a kernel that fails to build is reported, not fatal
+                RESULTS[f"attn_{name}@{context}"] = {"error": str(error)[:300]}
+                continue
+            outputs[name] = np.asarray(out, np.float32)
+            start = time.perf_counter()
+            for _ in range(20):
+                out = call(q, k, v, layout)
+            out.block_until_ready()
+            seconds = (time.perf_counter() - start) / 20
+            RESULTS[f"attn_{name}@{context}"] = {
+                "ms": seconds * 1e3,
+                "kv_bytes_s": kv_bytes / seconds,
+                "fraction_of_copy_bw": kv_bytes / seconds / bw,
+            }
+        if "pallas-gpu" in outputs and "reference" in outputs:
+            ref = outputs["reference"]
+            RESULTS[f"attn_pallas-gpu@{context}"]["rel_err"] = float(
+                np.abs(outputs["pallas-gpu"] - ref).max() / np.abs(ref).max()
+            )
+        print(
+            "attention",
+            context,
+            {k: v for k, v in RESULTS.items() if k.startswith("attn")},
+            flush=True,
+        )
+        save()
+        del q, k, v
+
+
 def llama_config(smoke: bool):
     from transformers import LlamaConfig
 
@@ -219,12 +287,28 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--batches", type=int, nargs="+", default=None)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--kernels-only", action="store_true", help="only the attention stage")
     args = parser.parse_args()
     batches = args.batches or ([1, 4] if args.smoke else [1, 32, 128])
     prompt_len, new_tokens = (64, 32) if args.smoke else (512, 256)
 
     bw = copy_bandwidth()
     RESULTS["copy_bw_bytes_s"] = bw
+    if args.kernels_only:
+        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+        bench_attention_kernels([512] if args.smoke else [2048, 8192], bw)
+        print("| kernel | context | ms | KV GB/s | of copy bandwidth | rel err |")
+        print("|---|---|---|---|---|---|")
+        for key, row in RESULTS.items():
+            if key.startswith("attn_") and "ms" in row:
+                name, context = key[5:].split("@")
+                print(
+                    f"| {name} | {context} | {row['ms']:.3f} | {row['kv_bytes_s'] / 1e9:.0f} | "
+                    f"{100 * row['fraction_of_copy_bw']:.0f}% | {row.get('rel_err', '-')} |"
+                )
+            elif key.startswith("attn_"):
+                print(f"| {key[5:]} | failed: {row['error'][:120]} |")
+        return
     config = llama_config(args.smoke)
     path = "/tmp/llama-smoke" if args.smoke else "/tmp/llama-3-8b-random"
     start = time.perf_counter()
