@@ -1,8 +1,9 @@
 """The attention call shared by every model: write the step's K/V into the pages, then attend.
 
 Which implementation runs is decided once per process (``TPU_PLUGIN_ATTENTION``):
-the Mosaic Pallas kernel on TPU, the pure-jnp reference elsewhere, or the TPU kernel in
-interpret mode on CPU for debugging and for end-to-end tests of the kernel.
+the Mosaic Pallas kernel on TPU, the pure-jnp reference elsewhere, the Pallas GPU (Triton)
+kernel on GPU when asked for, or the TPU kernel in interpret mode on CPU for debugging and for
+end-to-end tests of the kernel.
 
 :class:`SelfAttention` is the attention block every dense family builds from an
 :class:`AttentionSpec` (projections, optional per-head q/k norm, rotary embedding, the call).
@@ -48,10 +49,17 @@ class AttentionMetadata(NamedTuple):
 def attention_kernel() -> Callable[..., jax.Array]:
     """The ragged paged attention function this process uses."""
     choice = envs.attention_impl()
+    backend = jax.default_backend()
     if choice == "auto":
-        choice = "pallas" if jax.default_backend() == "tpu" else "reference"
+        # GPU stays on the reference until the Pallas GPU kernel has been measured on a real
+        # GPU (it is verified only in interpret mode and by lowering on CPU so far).
+        choice = "pallas" if backend == "tpu" else "reference"
     if choice == "reference":
         return reference.ragged_paged_attention
+    if choice == "pallas" and backend == "gpu":
+        from tpu_kernels.ragged_paged_attention import gpu
+
+        return gpu.ragged_paged_attention
     from tpu_kernels.ragged_paged_attention import tpu
 
     return functools.partial(tpu.ragged_paged_attention, interpret=choice == "pallas-interpret")
