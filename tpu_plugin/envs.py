@@ -35,9 +35,9 @@ def model_impl() -> str:
 def attention_impl() -> str:
     """``TPU_PLUGIN_ATTENTION``: auto|reference|pallas|pallas-interpret.
 
-    ``auto`` is the Pallas kernel on TPU and the pure-jnp reference elsewhere (GPU included,
-    until the GPU kernel is measured on a real GPU); ``pallas`` is the Mosaic TPU kernel, or on
-    a GPU backend the Pallas GPU (Triton) kernel; ``pallas-interpret`` runs the TPU kernel in
+    ``auto`` is ``pallas`` on TPU and GPU and the pure-jnp reference on CPU; ``pallas`` is the
+    Mosaic TPU kernel, or on a GPU backend the Pallas GPU (Triton) kernel (the reference where
+    its tiles do not fit the shapes); ``pallas-interpret`` runs the TPU kernel in
     interpret mode on CPU (debugging, tests).
     """
     return _choice("TPU_PLUGIN_ATTENTION", ATTENTION_IMPLS, "auto") or "auto"

@@ -58,6 +58,11 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+def supports(head_dim: int, page_size: int) -> bool:
+    """Whether the kernel takes these shapes with its default block sizes (else: reference)."""
+    return _is_power_of_2(head_dim) and head_dim >= MIN_DOT_SIZE and _is_power_of_2(page_size)
+
+
 def default_block_sizes(group: int, page_size: int) -> tuple[int, int]:
     """``(block_q, num_kv_pages_per_block)`` used when the caller gives none."""
     group_pad = _next_power_of_2(group)

@@ -277,10 +277,15 @@ def test_large_mixed_batch():
 
 @pytest.mark.parametrize(
     "setting, backend, want",
-    [("pallas", "gpu", "gpu"), ("auto", "gpu", "reference"), ("pallas", "cpu", "tpu")],
+    [
+        ("pallas", "gpu", "gpu-or-reference"),
+        ("auto", "gpu", "gpu-or-reference"),
+        ("auto", "cpu", "reference"),
+        ("pallas", "cpu", "tpu"),
+    ],
 )
-def test_plugin_selects_gpu_kernel_only_when_asked(monkeypatch, setting, backend, want):
-    """``TPU_PLUGIN_ATTENTION=pallas`` on a GPU backend runs this kernel; ``auto`` does not yet."""
+def test_plugin_selects_the_kernel_per_backend(monkeypatch, setting, backend, want):
+    """On a GPU backend ``auto`` and ``pallas`` run this kernel (reference for odd shapes)."""
     from tpu_plugin.layers import attention
 
     monkeypatch.setenv("TPU_PLUGIN_ATTENTION", setting)
@@ -290,5 +295,15 @@ def test_plugin_selects_gpu_kernel_only_when_asked(monkeypatch, setting, backend
         chosen = attention.attention_kernel()
     finally:
         attention.attention_kernel.cache_clear()
+    if want == "gpu-or-reference":
+        assert chosen is attention._gpu_kernel_or_reference
+        return
     chosen = getattr(chosen, "func", chosen)  # the TPU kernel comes as a functools.partial
     assert chosen.__module__.rsplit(".", 1)[-1] == want
+
+
+def test_gpu_kernel_takes_power_of_two_shapes_only():
+    from tpu_kernels.ragged_paged_attention import gpu
+
+    assert gpu.supports(128, 16) and gpu.supports(64, 256)
+    assert not gpu.supports(80, 16) and not gpu.supports(96, 16) and not gpu.supports(128, 24)
