@@ -29,7 +29,15 @@ def bench_engine(model: str, batch_sizes: list[int], new_tokens: int) -> dict[st
     from vllm import LLM, SamplingParams
 
     start = time.perf_counter()
-    llm = LLM(model=model, max_model_len=1024, kv_cache_memory_bytes=1 << 30, max_num_seqs=64)
+    # dtype is explicit: with "auto" stock vLLM's CPU platform downcasts a float32 checkpoint to
+    # bfloat16, and the comparison would be between different arithmetic.
+    llm = LLM(
+        model=model,
+        dtype="float32",
+        max_model_len=1024,
+        kv_cache_memory_bytes=1 << 30,
+        max_num_seqs=64,
+    )
     results = {"startup_s": time.perf_counter() - start}
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     for n in batch_sizes:

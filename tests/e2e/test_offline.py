@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer, GPT2Config, LlamaConfig
 
-from tests.conftest import greedy_tokens, hf_greedy, make_random_checkpoint, random_prompts
+from tests.conftest import (
+    SMALL,
+    greedy_tokens,
+    hf_greedy,
+    make_random_checkpoint,
+    random_prompts,
+)
 
 TEXT_PROMPTS = [
     "The capital of France is",
@@ -37,15 +43,7 @@ def test_generate_and_chat_with_text(smollm2_dir, make_llm):
     assert "Paris" in reply[0].outputs[0].text
 
 
-SMALL_LLAMA = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-)
+SMALL_LLAMA = dict(SMALL, max_position_embeddings=1024)  # room for the 300-token prompt
 
 
 def test_chunked_prefill_and_prefix_caching_change_nothing(tmp_path, make_llm):

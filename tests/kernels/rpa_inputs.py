@@ -183,3 +183,12 @@ def check_padding_rows_zero(out: object, num_real_tokens: int) -> None:
 
 def reference_attention(batch: Batch, **kwargs: object) -> object:
     return reference.ragged_paged_attention(*batch.args(), **kwargs)
+
+
+# Batches whose padding must not leak into real outputs, shared by every kernel's tests:
+# (name, [(query_len, kv_len) per sequence], max_num_seqs, num_tokens, sm_scale).
+PADDING_CASES = [
+    ("garbage_slots", [(1, 40), (6, 6), (1, 3)], 16, 45, 0.1),
+    ("no_real_sequences", [], 4, 20, 0.1),
+    ("zero_length_sequences", [(3, 10), (0, 0), (0, 7), (2, 2), (0, 4), (9, 20)], None, 16, 0.3),
+]

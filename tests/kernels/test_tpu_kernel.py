@@ -26,6 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from rpa_inputs import (
     MIXES,
+    PADDING_CASES,
     check_padding_rows_zero,
     make_batch,
     reference_attention,
@@ -120,23 +121,13 @@ def test_soft_cap_and_window_bf16():
     check_kernel(batch, block=(32, 1), sm_scale=0.2, soft_cap=5.0, sliding_window=24)
 
 
-def test_padded_batch_slots():
-    """Many garbage sequence slots, and whole query blocks of padding tokens."""
+@pytest.mark.parametrize("name, seqs, max_num_seqs, num_tokens, sm_scale", PADDING_CASES)
+def test_padding_never_leaks(name, seqs, max_num_seqs, num_tokens, sm_scale):
+    """Garbage sequence slots, whole query blocks of padding, empty and zero-length sequences."""
     batch = make_batch(
-        seed_of("kernel_pad"), [(1, 40), (6, 6), (1, 3)], max_num_seqs=16, num_tokens=45
+        seed_of("kernel_" + name), seqs, max_num_seqs=max_num_seqs, num_tokens=num_tokens
     )
-    check_kernel(batch, block=(8, 2), sm_scale=0.1)
-
-
-def test_no_real_sequences():
-    batch = make_batch(seed_of("kernel_empty"), [], max_num_seqs=4, num_tokens=20)
-    check_kernel(batch, block=(8, 2), sm_scale=0.1)
-
-
-def test_zero_length_sequences_in_batch():
-    seqs = [(3, 10), (0, 0), (0, 7), (2, 2), (0, 4), (9, 20)]
-    batch = make_batch(seed_of("kernel_zero_len"), seqs, num_tokens=16)
-    check_kernel(batch, block=(8, 2), sm_scale=0.3)
+    check_kernel(batch, block=(8, 2), sm_scale=sm_scale)
 
 
 def test_default_block_sizes_under_jit():
