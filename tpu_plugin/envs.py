@@ -27,6 +27,15 @@ def device() -> str | None:
     return _choice("TPU_PLUGIN_DEVICE", DEVICES, None)
 
 
+def active_device() -> str:
+    """The backend of an active plugin: ``TPU_PLUGIN_DEVICE``, else ``tpu``.
+
+    Detection exports ``TPU_PLUGIN_DEVICE`` whenever it activates (``--device``, the variable,
+    or a TPU host), so the fallback only matters for code imported outside vLLM.
+    """
+    return device() or "tpu"
+
+
 def model_impl() -> str:
     """``TPU_PLUGIN_MODEL_IMPL``: auto|jax|torchax; ``auto`` picks the JAX port if one exists."""
     return _choice("TPU_PLUGIN_MODEL_IMPL", MODEL_IMPLS, "auto") or "auto"

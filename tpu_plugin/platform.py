@@ -59,8 +59,7 @@ class TpuPluginPlatform(Platform):
 
     def __init__(self) -> None:
         super().__init__()
-        self.jax_backend = envs.device() or "tpu"
-        self.device_name = self.jax_backend
+        self.device_name = envs.active_device()
 
     @property
     def supported_dtypes(self) -> list[torch.dtype]:
@@ -71,7 +70,7 @@ class TpuPluginPlatform(Platform):
 
     @classmethod
     def get_device_name(cls, device_id: int = 0) -> str:
-        return envs.device() or "tpu"
+        return envs.active_device()
 
     @classmethod
     def get_device_total_memory(cls, device_id: int = 0) -> int:

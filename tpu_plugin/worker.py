@@ -29,7 +29,7 @@ JAX_PLATFORM = {"tpu": "tpu", "cpu": "cpu", "gpu": "cuda"}
 
 def select_jax_backend() -> str:
     """Restricts JAX to the chosen backend (before it initialises) and returns its name."""
-    platform = JAX_PLATFORM[envs.device() or "tpu"]
+    platform = JAX_PLATFORM[envs.active_device()]
     if platform == "cuda":
         # XLA preallocates 75% of GPU memory by default; the KV budget below decides instead.
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
@@ -46,14 +46,14 @@ def select_jax_backend() -> str:
 
 def device_memory_bytes() -> int:
     """Memory of the first device: host RAM on CPU, the device's HBM otherwise."""
-    if (envs.device() or "tpu") == "cpu":
+    if envs.active_device() == "cpu":
         return psutil.virtual_memory().total
     stats = jax.devices()[0].memory_stats() or {}
     return int(stats.get("bytes_limit", 0))
 
 
 def device_memory_in_use() -> int:
-    if (envs.device() or "tpu") == "cpu":
+    if envs.active_device() == "cpu":
         return psutil.Process(os.getpid()).memory_info().rss
     stats = jax.devices()[0].memory_stats() or {}
     return int(stats.get("bytes_in_use", 0))
@@ -100,7 +100,7 @@ class TpuPluginWorker(WorkerBase):
             return int(explicit)
         total = device_memory_bytes()
         budget = int(total * self.cache_config.gpu_memory_utilization) - device_memory_in_use()
-        if (envs.device() or "tpu") == "cpu":
+        if envs.active_device() == "cpu":
             budget = min(budget, int(psutil.virtual_memory().available * 0.9))
         if budget <= 0:
             raise ValueError(
@@ -131,8 +131,8 @@ class TpuPluginWorker(WorkerBase):
         return ("generate",)
 
     def get_cache_block_size_bytes(self) -> int:
-        spec = next(iter(self.get_kv_cache_spec().values()))
-        return spec.page_size_bytes * len(self.get_kv_cache_spec())
+        specs = self.get_kv_cache_spec()
+        return sum(spec.page_size_bytes for spec in specs.values())
 
     def update_max_model_len(self, max_model_len: int) -> None:
         self.model_config.max_model_len = max_model_len
