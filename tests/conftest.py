@@ -12,6 +12,9 @@ from pathlib import Path
 
 os.environ.setdefault("TPU_PLUGIN_DEVICE", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Engines compile buckets on first use in tests (seconds each on 2 cores, dozens per engine);
+# tests/e2e/test_precompile.py turns precompilation on where it is what is tested.
+os.environ.setdefault("TPU_PLUGIN_PRECOMPILE", "0")
 
 import pytest  # noqa: E402
 

@@ -6,6 +6,7 @@ before it parses its command line.
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import os
 import sys
@@ -43,6 +44,20 @@ def take_device_flag(argv: list[str]) -> str | None:
     return value
 
 
+def _missing_tpu() -> str | None:
+    """Why this host cannot run ``--device tpu`` (None when it looks like a TPU host).
+
+    Checked without starting JAX (detection runs in every vLLM process, and a JAX backend
+    opened in the API server would hold the TPU the engine needs): libtpu must be installed
+    and the TPU chips visible as ``/dev/accel*`` (v2-v4, v5p) or ``/dev/vfio/<n>`` (v5e, v6e).
+    """
+    if importlib.util.find_spec("libtpu") is None:
+        return "libtpu is not installed"
+    if not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*"):
+        return "no TPU chips under /dev/accel* or /dev/vfio"
+    return None
+
+
 def detect_platform() -> str | None:
     """Returns the platform class path when the plugin should run, else None (stock vLLM).
 
@@ -52,6 +67,9 @@ def detect_platform() -> str | None:
     from tpu_plugin import envs
 
     if _is_vllm_cli():
+        from tpu_plugin.startup import install_cli_excepthook
+
+        install_cli_excepthook()
         flag = take_device_flag(sys.argv)
         if flag is not None:
             os.environ["TPU_PLUGIN_DEVICE"] = flag.strip().lower()
@@ -60,6 +78,8 @@ def detect_platform() -> str | None:
     except ValueError as error:
         # vLLM swallows exceptions raised during detection; exit so the user sees why.
         raise SystemExit(f"tpu-plugin: {error}") from None
+    if device == "tpu" and (missing := _missing_tpu()) is not None:
+        raise SystemExit(f"tpu-plugin: no TPU found ({missing}); use --device cpu or --device gpu")
     if device is None and importlib.util.find_spec("libtpu") is not None:
         device = "tpu"
         os.environ["TPU_PLUGIN_DEVICE"] = device

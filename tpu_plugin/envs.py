@@ -11,6 +11,7 @@ import os
 DEVICES = ("tpu", "cpu", "gpu")
 MODEL_IMPLS = ("auto", "jax", "torchax")
 ATTENTION_IMPLS = ("auto", "reference", "pallas", "pallas-interpret")
+MOE_IMPLS = ("auto", "xla", "reference", "pallas", "pallas-interpret")
 
 
 def _choice(name: str, valid: tuple[str, ...], default: str | None) -> str | None:
@@ -37,7 +38,11 @@ def active_device() -> str:
 
 
 def model_impl() -> str:
-    """``TPU_PLUGIN_MODEL_IMPL``: auto|jax|torchax; ``auto`` picks the JAX port if one exists."""
+    """``TPU_PLUGIN_MODEL_IMPL``: auto|jax|torchax; ``auto`` picks the JAX port if one exists.
+
+    ``torchax`` runs vLLM's own PyTorch model class through torchax (``models/torchax``), the
+    path ``auto`` takes for architectures without a JAX port; ``jax`` refuses those.
+    """
     return _choice("TPU_PLUGIN_MODEL_IMPL", MODEL_IMPLS, "auto") or "auto"
 
 
@@ -52,6 +57,16 @@ def attention_impl() -> str:
     return _choice("TPU_PLUGIN_ATTENTION", ATTENTION_IMPLS, "auto") or "auto"
 
 
+def moe_impl() -> str:
+    """``TPU_PLUGIN_MOE``: auto|xla|reference|pallas|pallas-interpret; the fused-MoE kernel.
+
+    ``auto`` is ``pallas`` (Mosaic) on TPU and ``xla`` (expert-sorted row tiles) on CPU and
+    GPU; ``reference`` is the dense pure-jnp spec; ``pallas-interpret`` runs the TPU kernel
+    in interpret mode on CPU (debugging, tests).
+    """
+    return _choice("TPU_PLUGIN_MOE", MOE_IMPLS, "auto") or "auto"
+
+
 def plugin_home() -> str:
     """``TPU_PLUGIN_HOME``: cache root for built models and compiled programs."""
     default = os.path.join(os.path.expanduser("~"), ".cache", "tpu-plugin")
@@ -64,3 +79,16 @@ def compile_cache_dir() -> str | None:
     if value.lower() == "off":
         return None
     return value or os.path.join(plugin_home(), "jax-compile-cache")
+
+
+def precompile() -> bool:
+    """``TPU_PLUGIN_PRECOMPILE``: 1 (default) compiles every bucket at start-up; 0 skips it.
+
+    With it off, each bucket compiles on first use (start-up is faster, serving is not).
+    """
+    value = os.environ.get("TPU_PLUGIN_PRECOMPILE", "1").strip().lower()
+    if value in ("1", "true", "yes", "on", ""):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"TPU_PLUGIN_PRECOMPILE={value!r} is not valid; choose one of: 1, 0")

@@ -29,18 +29,17 @@ WORKER_CLASS = "tpu_plugin.worker.TpuPluginWorker"
 
 
 def unsupported_sampling_fields(params: SamplingParams) -> list[str]:
-    """The fields of ``params`` that the sampler does not implement yet (empty when fine)."""
+    """The fields of ``params`` that the sampler does not implement (empty when fine).
+
+    Everything of vLLM's v1 sampler is implemented (tpu_plugin/runner/sampler.py); these are
+    the extensions of vLLM's second (GPU) runner that are not: prompt logprobs of chosen token
+    ids or from a start position, watermarking and thinking budgets.
+    """
     checks = {
-        "min_p": params.min_p > 0.0,
-        "presence_penalty": params.presence_penalty != 0.0,
-        "frequency_penalty": params.frequency_penalty != 0.0,
-        "repetition_penalty": params.repetition_penalty != 1.0,
-        "logit_bias": bool(params.logit_bias),
-        "allowed_token_ids": bool(params.allowed_token_ids),
-        "bad_words": bool(params.bad_words),
-        "min_tokens": params.min_tokens > 0,
-        "prompt_logprobs": params.prompt_logprobs is not None,
-        "structured_outputs": params.structured_outputs is not None,
+        "prompt_logprob_token_ids": bool(getattr(params, "prompt_logprob_token_ids", None)),
+        "prompt_logprob_start": getattr(params, "prompt_logprob_start", None) is not None,
+        "watermarking": bool(getattr(params, "watermarking", None)),
+        "thinking_token_budget": getattr(params, "thinking_token_budget", None) is not None,
         "logits_processors": bool(getattr(params, "logits_processors", None)),
     }
     return [name for name, used in checks.items() if used]
@@ -56,10 +55,24 @@ class TpuPluginPlatform(Platform):
     dist_backend: str = "gloo"
     ray_device_key: str = ""
     simple_compile_backend: str = "eager"
+    # Copied to vLLM's Ray workers (each worker is a JAX process of one global mesh).
+    additional_env_vars: list[str] = [
+        "TPU_PLUGIN_DEVICE",
+        "TPU_PLUGIN_ATTENTION",
+        "TPU_PLUGIN_MOE",
+        "TPU_PLUGIN_MODEL_IMPL",
+        "TPU_PLUGIN_HOME",
+        "TPU_PLUGIN_COMPILE_CACHE",
+        "XLA_FLAGS",
+        "JAX_PLATFORMS",
+    ]
 
     def __init__(self) -> None:
         super().__init__()
         self.device_name = envs.active_device()
+        from tpu_plugin.parallel.mesh import RAY_DEVICE_KEYS
+
+        self.ray_device_key = RAY_DEVICE_KEYS[self.device_name]
 
     @property
     def supported_dtypes(self) -> list[torch.dtype]:
@@ -114,6 +127,15 @@ class TpuPluginPlatform(Platform):
             pass  # another component already defines it
 
     @classmethod
+    def get_attn_backend_cls(
+        cls, selected_backend: Any, attn_selector_config: Any, **_: Any
+    ) -> str:
+        """vLLM's attention layers (torchax path) call the plugin's ragged paged attention."""
+        from tpu_plugin.models.torchax.attention_backend import BACKEND_QUALNAME
+
+        return BACKEND_QUALNAME
+
+    @classmethod
     def update_block_size_for_backend(cls, vllm_config: VllmConfig) -> None:
         """Block size stays as configured: the attention kernels take any page size 16–256."""
 
@@ -132,14 +154,18 @@ class TpuPluginPlatform(Platform):
                     f"(got runner {model_config.runner_type!r})"
                 )
 
+        # Parallelism (tpu_plugin/parallel): one JAX process drives all devices of its host, so
+        # --tensor-parallel-size keeps vLLM's single-worker executor and becomes a device mesh
+        # in that worker; under Ray there is one worker per process, joined by jax.distributed.
+        from tpu_plugin.parallel.mesh import check_executor, check_parallel_config
+
         parallel_config = vllm_config.parallel_config
-        if parallel_config.world_size > 1:
-            raise ValueError(
-                f"tpu-plugin does not support tensor/pipeline parallelism yet (world size "
-                f"{parallel_config.world_size}); use --tensor-parallel-size 1"
-            )
+        check_parallel_config(
+            parallel_config, model_config.hf_text_config if model_config is not None else None
+        )
         if parallel_config.worker_cls == "auto":
             parallel_config.worker_cls = WORKER_CLASS
+        check_executor(parallel_config)
         if parallel_config.distributed_executor_backend in (None, "mp"):
             parallel_config.distributed_executor_backend = "uni"
 
@@ -152,9 +178,19 @@ class TpuPluginPlatform(Platform):
         compilation_config.cudagraph_mode = CUDAGraphMode.NONE
         compilation_config.cudagraph_capture_sizes = []
 
-        if vllm_config.scheduler_config.async_scheduling:
-            logger.info("tpu-plugin: async scheduling is not supported yet; running synchronously")
-        vllm_config.scheduler_config.async_scheduling = False
+        # Async scheduling (tpu_plugin/runner/async_output.py) needs the sampled tokens of one
+        # step on the device of the next: one process drives all devices. Ray's workers are
+        # one process per host, so they schedule synchronously.
+        if (
+            vllm_config.scheduler_config.async_scheduling
+            and parallel_config.distributed_executor_backend != "uni"
+        ):
+            logger.info(
+                "tpu-plugin: async scheduling runs in single-process engines only; running "
+                "synchronously under %s",
+                parallel_config.distributed_executor_backend,
+            )
+            vllm_config.scheduler_config.async_scheduling = False
 
         if vllm_config.speculative_config is not None:
             raise ValueError("tpu-plugin does not support speculative decoding yet; drop it")
@@ -165,7 +201,7 @@ class TpuPluginPlatform(Platform):
     def validate_request(
         cls, processed_inputs: Any, params: SamplingParams | PoolingParams
     ) -> None:
-        """Rejects (HTTP 400) sampling options the JAX sampler does not implement yet."""
+        """Rejects (HTTP 400) the few sampling options the JAX sampler does not implement."""
         from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import SamplingParams
 

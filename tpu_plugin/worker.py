@@ -20,6 +20,7 @@ from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 
 from tpu_plugin import envs
 from tpu_plugin.runner.model_runner import JaxModelRunner
+from tpu_plugin.startup import StartupError, engine_startup_errors
 
 logger = init_logger(__name__)
 
@@ -37,7 +38,7 @@ def select_jax_backend() -> str:
     try:
         jax.devices(platform)
     except RuntimeError as error:
-        raise RuntimeError(
+        raise StartupError(
             f"--device {envs.device()}: JAX finds no {platform} device ({error}); pick a "
             "--device this host has (cpu always works)"
         ) from None
@@ -74,14 +75,22 @@ class TpuPluginWorker(WorkerBase):
         self.model_runner: JaxModelRunner | None = None
 
     def init_device(self) -> None:
-        platform = select_jax_backend()
-        logger.info("tpu-plugin worker on JAX %s: %s", platform, jax.devices())
+        from tpu_plugin.parallel import plan_for
+        from tpu_plugin.parallel.distributed import init_distributed
+
+        with engine_startup_errors():
+            init_distributed(self.parallel_config, self.rank, self.distributed_init_method)
+            platform = select_jax_backend()
+            plan = plan_for(self.vllm_config)  # the mesh; checks the parallel sizes
+        logger.info("tpu-plugin worker on JAX %s: mesh %s", platform, plan.mesh)
         self.model_runner = JaxModelRunner(self.vllm_config)
+        self.model_runner.sharding_plan = plan
 
     def load_model(self, *, load_dummy_weights: bool = False) -> None:
         if load_dummy_weights:
             raise ValueError("tpu-plugin loads real checkpoints only (no --load-format dummy)")
-        self.model_runner.load_model()
+        with engine_startup_errors():
+            self.model_runner.load_model()
 
     def get_model(self):
         return self.model_runner.model
@@ -95,34 +104,73 @@ class TpuPluginWorker(WorkerBase):
 
     def determine_available_memory(self) -> int:
         """Bytes for KV pages: the explicit option, else utilization x device memory - used."""
-        explicit = self.cache_config.kv_cache_memory_bytes
-        if explicit is not None:
-            return int(explicit)
-        total = device_memory_bytes()
-        budget = int(total * self.cache_config.gpu_memory_utilization) - device_memory_in_use()
-        if envs.active_device() == "cpu":
-            budget = min(budget, int(psutil.virtual_memory().available * 0.9))
-        if budget <= 0:
-            raise ValueError(
-                f"no memory left for the KV cache ({total / 2**30:.1f} GiB device memory at "
-                f"--gpu-memory-utilization {self.cache_config.gpu_memory_utilization}); raise "
-                "it or set --kv-cache-memory-bytes"
-            )
+        with engine_startup_errors():
+            explicit = self.cache_config.kv_cache_memory_bytes
+            if explicit is not None:
+                budget = int(explicit)
+            else:
+                total = device_memory_bytes()
+                utilization = self.cache_config.gpu_memory_utilization
+                budget = int(total * utilization) - device_memory_in_use()
+                if envs.active_device() == "cpu":
+                    budget = min(budget, int(psutil.virtual_memory().available * 0.9))
+                if budget <= 0:
+                    raise StartupError(
+                        f"no memory left for the KV cache ({total / 2**30:.1f} GiB device "
+                        f"memory at --gpu-memory-utilization {utilization}); raise it or set "
+                        "--kv-cache-memory-bytes"
+                    )
+            self._check_budget_holds_one_sequence(budget)
         logger.info("KV cache budget: %.2f GiB", budget / 2**30)
         return budget
+
+    def _check_budget_holds_one_sequence(self, budget: int) -> None:
+        """Fails unless ``budget`` holds one ``max_model_len`` sequence (plus the null block).
+
+        vLLM checks this too, later and with a traceback; checking here ends start-up with the
+        sizes and both ways out. vLLM keeps block 0 as its null block, hence the extra block.
+        """
+        specs = list(self.get_kv_cache_spec().values())
+        block_size = specs[0].block_size
+        block_bytes = sum(spec.page_size_bytes for spec in specs)
+        max_len = self.model_config.max_model_len
+        needed = (-(-max_len // block_size) + 1) * block_bytes
+        if budget < needed:
+            holds = max(budget // block_bytes - 1, 0) * block_size
+            raise StartupError(
+                f"the KV cache budget ({budget} bytes) holds {holds} tokens, less than "
+                f"one --max-model-len {max_len} sequence; raise --kv-cache-memory-bytes to at "
+                f"least {needed} (or --gpu-memory-utilization) or lower --max-model-len to "
+                f"{holds} or less"
+            )
 
     def initialize_from_config(self, kv_cache_config: KVCacheConfig) -> None:
         self.model_runner.initialize_kv_cache(kv_cache_config)
 
     def compile_or_warm_up_model(self) -> CompilationTimes:
-        """Programs compile on first use of each bucket (precompilation is not built yet)."""
-        return CompilationTimes(language_model=0.0, encoder=0.0)
+        """Compiles every step bucket now, so serving never waits on XLA (compile.py).
+
+        ``TPU_PLUGIN_PRECOMPILE=0`` skips it: buckets then compile on first use.
+        """
+        from tpu_plugin.runner.compile import precompile
+
+        runner = self.model_runner
+        if not envs.precompile() or runner._aot_forward is None:
+            if envs.precompile():
+                logger.info("multi-process run: step buckets compile on first use")
+            return CompilationTimes(language_model=0.0, encoder=0.0)
+        return CompilationTimes(language_model=precompile(runner), encoder=0.0)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
         return self.model_runner.execute_model(scheduler_output)
 
     def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput:
         return self.model_runner.sample_tokens(grammar_output)
+
+    def execute_dummy_batch(self) -> None:
+        """vLLM's MoE data parallelism steps idle ranks so cross-rank expert collectives line
+        up; here every DP rank has its own mesh (experts split inside it), so there is none."""
+        return None
 
     def take_draft_token_ids(self) -> None:
         return None

@@ -85,11 +85,16 @@ def test_chunked_prefill_and_prefix_caching_change_nothing(tmp_path, make_llm):
     assert got == expected
 
 
-def test_unsupported_architecture_fails_at_start_naming_supported(tmp_path):
+def test_unsupported_architecture_fails_at_start_naming_supported(tmp_path, monkeypatch):
+    """GPT-2 runs through torchax by default; forcing the native path names the options."""
     from vllm.engine.arg_utils import EngineArgs
+
+    monkeypatch.setenv("TPU_PLUGIN_MODEL_IMPL", "jax")
 
     model_dir = make_random_checkpoint(
         tmp_path / "gpt2", GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=128)
     )
-    with pytest.raises(ValueError, match="GPT2LMHeadModel has no JAX port.*LlamaForCausalLM"):
+    with pytest.raises(
+        ValueError, match="GPT2LMHeadModel has no JAX port.*LlamaForCausalLM.*torchax"
+    ):
         EngineArgs(model=str(model_dir), skip_tokenizer_init=True).create_engine_config()

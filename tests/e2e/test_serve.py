@@ -2,80 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-
 import openai
 import pytest
-import requests
-
-VLLM = os.path.join(os.path.dirname(sys.executable), "vllm")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def server(smollm2_dir) -> Iterator[str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_PLUGIN_DEVICE")}
-    log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"vllm-serve-{port}.log"), "w")
-    proc = subprocess.Popen(
-        [
-            VLLM,
-            "serve",
-            str(smollm2_dir),
-            "--device",
-            "cpu",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--max-model-len",
-            "512",
-            "--max-num-seqs",
-            "8",
-            "--kv-cache-memory-bytes",
-            str(128 * 2**20),
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {proc.returncode}; see {log.name}")
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
-        else:
-            raise TimeoutError(f"vllm serve not ready in 300 s; see {log.name}")
-        yield base + "/v1"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server, api_key="unused", max_retries=0)
+def client(smollm2_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=smollm2_server.v1, api_key=smollm2_server.api_key, max_retries=0)
 
 
 def model_id(client: openai.OpenAI) -> str:
@@ -131,8 +64,11 @@ def test_sampling_with_seed_and_logprobs(client):
 def test_bad_requests_get_400_and_the_server_keeps_serving(client):
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=model_id(client), prompt="hi " * 2000, max_tokens=4)
-    with pytest.raises(openai.BadRequestError, match="min_p"):
+    with pytest.raises(openai.BadRequestError, match="thinking_token_budget"):
         client.completions.create(
-            model=model_id(client), prompt="hi", max_tokens=4, extra_body={"min_p": 0.1}
+            model=model_id(client),
+            prompt="hi",
+            max_tokens=4,
+            extra_body={"thinking_token_budget": 8},
         )
     test_completion(client)

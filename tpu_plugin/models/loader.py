@@ -8,6 +8,15 @@ misshaped tensor stops start-up with its name; nothing is left random.
 The one per-model hook is ``fused_checkpoint_tensors`` (see
 :meth:`tpu_plugin.models.llama.LlamaForCausalLM.fused_checkpoint_tensors`): checkpoint tensors
 that stack several of the port's parameters (Phi-3's ``qkv_proj``) are cut on axis 0 into them.
+
+The reverse, for mixture-of-experts ports, is the optional class hook
+``stacked_checkpoint_tensors(cfg)``: many checkpoint tensors (one per expert) fill one stacked
+``[E, rows, ...]`` parameter. It maps a name pattern, with ``*`` for the expert index, to
+``(parameter, first_row, rows)``: ``{"mlp.experts.*.up_proj.weight": ("mlp.experts.gate_up_proj",
+I, I)}`` puts ``model.layers.3.mlp.experts.5.up_proj.weight`` into rows ``[I, 2I)`` of
+``model.layers.3.mlp.experts.gate_up_proj[5]`` (``rows`` ``None``: all rows). Every expert and
+row must be filled exactly once; a gap stops start-up naming the missing checkpoint tensor.
+Families differ only in their patterns (:func:`tpu_plugin.layers.moe.expert_stacking_rules`).
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -90,6 +100,71 @@ def _cut(name: str, tensor: jax.Array, targets: list[tuple[str, int | None]]) ->
     return jnp.split(tensor, bounds, axis=0)
 
 
+class _Stacker:
+    """Collects per-expert checkpoint tensors and stacks them into ``[E, rows, ...]`` params."""
+
+    def __init__(self, rules: dict[str, tuple[str, int, int | None]]):
+        self.rules = [
+            (
+                re.compile(r"^((?:.*\.)?)" + re.escape(pattern).replace(r"\*", r"(\d+)") + "$"),
+                pattern,
+                target,
+                first,
+                rows,
+            )
+            for pattern, (target, first, rows) in rules.items()
+        ]
+        self.parts: dict[str, dict[tuple[int, int], jax.Array]] = {}  # {(expert, first row): t}
+        self.bases: dict[str, str] = {}  # parameter -> the name prefix its patterns matched
+
+    def match(self, name: str) -> tuple[str, int, int, int | None, str] | None:
+        """(parameter, expert, first row, rows, base) when ``name`` is a stacked tensor."""
+        for regex, _, target, first, rows in self.rules:
+            m = regex.match(name)
+            if m:
+                return m.group(1) + target, int(m.group(2)), first, rows, m.group(1)
+        return None
+
+    def add(self, name: str, tensor: jax.Array, hit: tuple, expected: tuple[int, ...]) -> None:
+        target, expert, first, rows, base = hit
+        want = ((expected[1] - first) if rows is None else rows, *expected[2:])
+        if expert >= expected[0] or tuple(tensor.shape) != want:
+            raise CheckpointError(
+                f"{name} has shape {tuple(tensor.shape)} in the checkpoint, but {target} "
+                f"{expected} needs an expert index below {expected[0]} and shape {want}"
+            )
+        parts = self.parts.setdefault(target, {})
+        if (expert, first) in parts:
+            raise CheckpointError(f"{name} appears twice in the checkpoint")
+        parts[(expert, first)] = tensor
+        self.bases[target] = base
+
+    def stacked(self, target: str, expected: tuple[int, ...]) -> jax.Array:
+        """The full parameter, or an error naming the missing checkpoint tensors."""
+        base, parts = self.bases[target], self.parts[target]
+        rules = sorted(
+            (first, pattern) for _, pattern, t, first, _ in self.rules if base + t == target
+        )
+        missing = [
+            base + pattern.replace("*", str(e))
+            for e in range(expected[0])
+            for first, pattern in rules
+            if (e, first) not in parts
+        ]
+        if missing:
+            shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
+            raise CheckpointError(f"{target} cannot be assembled: the checkpoint lacks {shown}")
+        value = jnp.stack(
+            [jnp.concatenate([parts[(e, first)] for first, _ in rules]) for e in range(expected[0])]
+        )
+        if tuple(value.shape) != expected:
+            raise CheckpointError(
+                f"{target}: the per-expert tensors stack to {tuple(value.shape)}, "
+                f"expected {expected}"
+            )
+        return value
+
+
 def load_model(model_dir: str, hf_config: Any, dtype: jnp.dtype) -> nnx.Module:
     """The architecture's flax model with the checkpoint's weights, in ``dtype``."""
     model_class = resolve_model_class(list(hf_config.architectures or []))
@@ -97,12 +172,20 @@ def load_model(model_dir: str, hf_config: Any, dtype: jnp.dtype) -> nnx.Module:
     graphdef, state = nnx.split(abstract)
     wanted = {_param_name(path): leaf for path, leaf in nnx.to_flat_state(state)}
     fused = model_class.fused_checkpoint_tensors(hf_config)
+    stacked_hook = getattr(model_class, "stacked_checkpoint_tensors", None)
+    stacker = _Stacker(stacked_hook(hf_config) if stacked_hook else {})
 
     loaded: dict[str, jax.Array] = {}
     unexpected: list[str] = []
     for file in checkpoint_files(model_dir):
         with safe_open(file, framework="flax") as reader:
             for name in reader.keys():  # noqa: SIM118 (safe_open is not a dict)
+                hit = stacker.match(name)
+                if hit is not None and hit[0] in wanted:
+                    expected = tuple(wanted[hit[0]].get_value().shape)
+                    tensor = reader.get_tensor(name).astype(wanted[hit[0]].get_value().dtype)
+                    stacker.add(name, tensor, hit, expected)
+                    continue
                 targets = split_targets(name, fused)
                 if not any(target in wanted for target, _ in targets):
                     if not name.endswith(_IGNORED_SUFFIXES):
@@ -119,14 +202,27 @@ def load_model(model_dir: str, hf_config: Any, dtype: jnp.dtype) -> nnx.Module:
                     if tuple(part.shape) != tuple(expected):
                         raise CheckpointError(
                             f"{target} has shape {tuple(part.shape)} in the checkpoint, but "
-                            f"{model_class.__name__} expects {tuple(expected)}"
+                            f"{model_class.__name__} expects {tuple(expected)}; config.json "
+                            "does not match the weights: use the config saved with them"
                         )
-                    loaded[target] = part.astype(dtype)
+                    # the parameter's dtype: ``dtype``, except for the few a port keeps in
+                    # float32 (e.g. a router's correction bias)
+                    loaded[target] = part.astype(wanted[target].get_value().dtype)
+
+    for target in stacker.parts:
+        if target in loaded:
+            raise CheckpointError(
+                f"{target} appears twice in checkpoint {model_dir} (fused and per expert)"
+            )
+        loaded[target] = stacker.stacked(target, tuple(wanted[target].get_value().shape))
 
     missing = sorted(set(wanted) - set(loaded))
     if missing:
         shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
-        raise CheckpointError(f"checkpoint {model_dir} lacks {len(missing)} tensors: {shown}")
+        raise CheckpointError(
+            f"checkpoint {model_dir} lacks {len(missing)} tensor(s): {shown}; it is incomplete "
+            "or not saved for this architecture: re-download or re-save it"
+        )
     # Tied embeddings: checkpoints often still carry lm_head.weight; it is the embedding.
     unexpected = [n for n in unexpected if n != "lm_head.weight"]
     if unexpected:

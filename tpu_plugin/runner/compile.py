@@ -1,20 +1,30 @@
-"""Shapes XLA compiles for, and the persistent compilation cache.
+"""Shapes XLA compiles for, their precompilation at start-up, and the persistent cache.
 
 Every step is padded up to a bucket so a serving run compiles a handful of programs, not one
-per batch shape: tokens and sequences round up to powers of two, and the width of the page
-table to the power of two of the longest sequence's pages, capped by the model's maximum length.
+per batch shape: tokens round up to powers of two; sequences to the token bucket (capped by
+``max_num_seqs``), so a step's sequence bucket is a function of its token bucket and the
+(tokens, sequences) pairs form one chain instead of a grid; the page table's width rounds up
+to the power of two of the longest sequence's pages, capped by the model's maximum length.
 There is no floor above 1: padding a batch-1 decode to 16 tokens made every matmul 16x wider and
 halved batch-1 throughput on CPU (measured, benchmarks/NOTES_cpu_offline.md).
+
+:func:`step_buckets` lists every bucket a configuration can produce, so start-up compiles them
+all (``TPU_PLUGIN_PRECOMPILE``) and serving compiles nothing; the persistent cache makes the
+next start-up load them from disk instead.
 """
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
+import numpy as np
 from vllm.logger import init_logger
 
 from tpu_plugin import envs
 
-logger = init_logger(__name__)
+# Under vLLM's "vllm" logger so the precompile lines show with vLLM's own start-up logs.
+logger = init_logger(f"vllm.{__name__}")
 
 MIN_TOKEN_BUCKET = 1
 MIN_SEQ_BUCKET = 1
@@ -32,8 +42,95 @@ def seq_bucket(num_seqs: int, max_num_seqs: int) -> int:
     return min(max(MIN_SEQ_BUCKET, next_power_of_two(num_seqs)), max(max_num_seqs, num_seqs))
 
 
-def page_bucket(num_pages: int, max_pages: int) -> int:
-    return min(next_power_of_two(max(1, num_pages)), max_pages)
+def step_seq_bucket(padded_tokens: int, max_num_seqs: int) -> int:
+    """The sequence bucket of a step with ``padded_tokens``: one per token bucket.
+
+    A step has at most one sequence per token, so ``min(tokens, max_num_seqs)`` rows always
+    suffice. The extra rows of a prefill step cost only logits rows (well under the forward
+    pass of that many tokens) and keep the compiled shapes one-dimensional.
+    """
+    return seq_bucket(min(padded_tokens, max_num_seqs), max_num_seqs)
+
+
+# Narrowest page table, in tokens: attention over 128 positions instead of 16 costs nothing
+# next to the matmuls, and it removes three page-width buckets from every token bucket.
+MIN_KV_WIDTH = 128
+
+
+def page_bucket(num_pages: int, max_pages: int, page_size: int) -> int:
+    min_pages = next_power_of_two(-(-MIN_KV_WIDTH // page_size))
+    return min(next_power_of_two(max(min_pages, num_pages)), max_pages)
+
+
+class StepBucket(NamedTuple):
+    """The padded shape of one forward step."""
+
+    tokens: int
+    seqs: int
+    pages: int  # page-table width
+
+
+def _powers_of_two(up_to: int) -> list[int]:
+    values, n = [], 1
+    while n < up_to:
+        values.append(n)
+        n *= 2
+    return values + [up_to]
+
+
+def step_buckets(
+    max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int, block_size: int
+) -> list[StepBucket]:
+    """Every (tokens, seqs, page width) bucket ``prepare_inputs`` can produce, smallest first.
+
+    A step schedules at most ``max_num_batched_tokens`` tokens (a chunked prefill is cut to
+    fit; without chunking vLLM raises the budget to ``max_model_len``) and no more than
+    ``max_num_seqs x max_model_len``. Decode steps (tokens == seqs) are the bottom of the
+    chain. The page width is at least what the longest sequence of a full bucket needs: a
+    bucket of T tokens holds more than T/2 real ones, so some sequence has more than
+    T/(2 S) tokens in this step alone; widths below that cannot occur.
+    """
+    max_pages = -(-max_model_len // block_size)
+    max_tokens = min(max_num_batched_tokens, max_num_seqs * max_model_len)
+    widths = [w for w in _powers_of_two(max_pages) if w >= page_bucket(1, max_pages, block_size)]
+    buckets = []
+    for tokens in _powers_of_two(token_bucket(max_tokens)):
+        seqs = step_seq_bucket(tokens, max_num_seqs)
+        fewest_real = tokens // 2 + 1 if tokens > 1 else 1
+        longest = -(-fewest_real // seqs)
+        min_width = page_bucket(-(-longest // block_size), max_pages, block_size)
+        buckets += [StepBucket(tokens, seqs, w) for w in widths if w >= min_width]
+    return buckets
+
+
+def sampler_variants(max_logprobs: int, vocab_size: int, logprobs_mode: str) -> list[dict]:
+    """The static flags of ``sampler.sample`` that plain sampling requests can trigger.
+
+    Mirrors ``JaxModelRunner._sampling_inputs``: greedy or not, top-k/top-p or not, and
+    logprobs off or at the step width (``max_logprobs``; a request asking for all logprobs,
+    -1, makes it the vocabulary). Optional processors (penalties, logit bias, bad words,
+    allowed ids, min-tokens, min-p, grammars) change the sampler's inputs, not these flags,
+    and compile on first use.
+    """
+    widths = sorted({0, min(max(max_logprobs, 1), vocab_size)})
+    if max_logprobs == -1:
+        widths = sorted({0, vocab_size})
+    return [
+        {
+            "all_greedy": greedy,
+            "use_top_k_top_p": top_k_top_p,
+            "num_logprobs": width,
+            "logprobs_mode": logprobs_mode,
+        }
+        for greedy in (True, False)
+        for top_k_top_p in (False, True)
+        for width in widths
+    ]
+
+
+def lower_forward(jitted: Any, params: Any, kv_caches: Any, step: Any) -> Any:
+    """Traces and lowers ``jitted`` for ``step``'s shapes (nothing runs, nothing donated)."""
+    return jitted.lower(params, kv_caches, step)
 
 
 def enable_persistent_cache() -> None:
@@ -42,7 +139,141 @@ def enable_persistent_cache() -> None:
     if cache_dir is None:
         return
     jax.config.update("jax_compilation_cache_dir", cache_dir)
-    # Cache every program: a step of a small model compiles in seconds but is worth keeping.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    # Cache every program: a step of a small model compiles in well under a second but loading
+    # it is still faster, and precompilation makes hundreds of them.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     logger.info("JAX compilation cache: %s", cache_dir)
+
+
+def dummy_step(bucket: StepBucket, num_pages: int, page_size: int, prev_tokens: Any = None) -> Any:
+    """A step of ``bucket``'s shapes and dtypes with no real token (every KV write dropped).
+
+    ``prev_tokens`` (async scheduling) adds the merge fields, every entry a no-op.
+    """
+    from tpu_plugin.layers.attention import AttentionMetadata
+    from tpu_plugin.runner.inputs import StepInputs
+
+    tokens, seqs = bucket.tokens, bucket.seqs
+    merge = {}
+    if prev_tokens is not None:
+        merge = dict(
+            prev_tokens=prev_tokens,
+            merge_dst=jax.device_put(np.full(seqs, tokens, np.int32)),
+            merge_src=jax.device_put(np.zeros(seqs, np.int32)),
+        )
+    step = StepInputs(
+        input_ids=np.zeros(tokens, np.int32),
+        positions=np.zeros(tokens, np.int32),
+        attention=AttentionMetadata(
+            slot_mapping=np.full(tokens, num_pages * page_size, np.int32),
+            kv_lens=np.zeros(seqs, np.int32),
+            page_indices=np.zeros((seqs, bucket.pages), np.int32),
+            query_start_loc=np.zeros(seqs + 1, np.int32),
+            num_seqs=np.zeros(1, np.int32),
+        ),
+        logits_indices=np.zeros(seqs, np.int32),
+    )
+    return jax.device_put(step)._replace(**merge)
+
+
+def step_key(step: Any) -> tuple[int, int, int, int]:
+    """The compiled-program key of a step: tokens, seqs, page width, logits rows."""
+    return (
+        step.input_ids.shape[0],
+        step.attention.kv_lens.shape[0],
+        step.attention.page_indices.shape[1],
+        step.logits_indices.shape[0],
+    )
+
+
+def precompile(runner: Any) -> float:
+    """Compiles the forward pass for every bucket and the sampler for every variant.
+
+    The forward is compiled ahead of time (``lower().compile()``: no step runs, the KV cache
+    is not donated) and kept in ``runner._compiled`` by shape, which ``execute_model`` calls
+    directly. The sampler is a ``jax.jit`` with static flags owned by sampler.py, so it is
+    warmed by running it once per (sequence bucket, variant) on the logits of a dummy step
+    whose KV writes are all dropped. Returns the seconds spent.
+    """
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    from tpu_plugin.runner.async_output import record_tokens
+    from tpu_plugin.runner.inputs import HostStep
+    from tpu_plugin.runner.sampler import sample
+
+    sched = runner.scheduler_config
+    buckets = step_buckets(
+        sched.max_num_batched_tokens, runner.max_num_seqs, runner.max_model_len, runner.block_size
+    )
+    variants = sampler_variants(
+        runner.model_config.max_logprobs,
+        runner.batch.vocab_size,
+        runner.model_config.logprobs_mode,
+    )
+    seq_buckets = sorted({b.seqs for b in buckets})
+    prev_tokens = runner._last_tokens if runner.async_scheduling else None
+
+    def make_step(bucket: StepBucket) -> Any:
+        return dummy_step(bucket, runner.num_pages, runner.block_size, prev_tokens)
+
+    logger.info(
+        "precompiling %d forward buckets (tokens %d..%d, %d sequence buckets, page widths "
+        "%d..%d) and %d sampler variants x %d sequence buckets",
+        len(buckets),
+        buckets[0].tokens,
+        buckets[-1].tokens,
+        len(seq_buckets),
+        min(b.pages for b in buckets),
+        max(b.pages for b in buckets),
+        len(variants),
+        len(seq_buckets),
+    )
+    start = time.perf_counter()
+    total = len(buckets) + len(seq_buckets) * len(variants)
+    with tqdm(total=total, desc="precompiling", unit="program", mininterval=1.0) as bar:
+        # Tracing and lowering hold the GIL; XLA's compile (or cache load) does not, so it runs
+        # in a thread while the next bucket is traced.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            futures = {}
+            for bucket in buckets:
+                step = make_step(bucket)
+                lowered = lower_forward(runner._aot_forward, runner.params, runner.kv_caches, step)
+                futures[step_key(step)] = pool.submit(lowered.compile)
+                futures[step_key(step)].add_done_callback(lambda _: bar.update())
+            for key, future in futures.items():
+                runner._compiled[key] = future.result()
+        for seqs in seq_buckets:
+            bucket = next(b for b in buckets if b.seqs == seqs)
+            step = make_step(bucket)
+            runner.kv_caches, logits = runner._compiled[step_key(step)](
+                runner.params, runner.kv_caches, step
+            )
+            host = HostStep(
+                req_ids=[],
+                slots=np.zeros(0, np.int32),
+                completes_prompt=np.zeros(0, bool),
+                padded_num_seqs=seqs,
+            )
+            inputs, _ = runner._sampling_inputs(host)
+            inputs = jax.device_put(inputs)
+            for flags in variants:
+                sampled = jax.block_until_ready(sample(logits, inputs, **flags))
+                bar.update()
+            if prev_tokens is not None:  # async: the sampled ids' copy into their slots
+                no_slots = jax.device_put(np.full(seqs, runner.max_num_seqs, np.int32))
+                # Twice: the first step's table is the start-up array, later ones its output.
+                recorded = record_tokens(prev_tokens, no_slots, sampled.token_ids)
+                record_tokens(recorded, no_slots, sampled.token_ids).block_until_ready()
+    seconds = time.perf_counter() - start
+    logger.info(
+        "precompiled %d programs (%d forward, %d sampler) in %.1f s",
+        total,
+        len(buckets),
+        total - len(buckets),
+        seconds,
+    )
+    return seconds

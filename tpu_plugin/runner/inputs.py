@@ -3,8 +3,9 @@
 Everything here is vectorised NumPy over the scheduled requests; the only Python loop is over
 requests to read their scheduled-token counts. Tokens are packed request after request
 (prefill chunks and decodes mixed), then padded to the token bucket; requests to the sequence
-bucket; the page table to the page bucket. Padding tokens write to a slot past the end of the
-cache (dropped) and belong to no real sequence, so they cannot change a real output.
+bucket of that token bucket (compile.py); the page table to the page bucket. Padding tokens
+write to a slot past the end of the cache (dropped) and belong to no real sequence, so they
+cannot change a real output.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import jax
 import numpy as np
 
 from tpu_plugin.layers.attention import AttentionMetadata
-from tpu_plugin.runner.compile import page_bucket, seq_bucket, token_bucket
+from tpu_plugin.runner.compile import page_bucket, step_seq_bucket, token_bucket
 from tpu_plugin.runner.input_batch import InputBatch
 
 
@@ -26,6 +27,12 @@ class StepInputs(NamedTuple):
     positions: jax.Array  # [T]
     attention: AttentionMetadata
     logits_indices: jax.Array  # [S] last scheduled token of each request
+    # Async scheduling (async_output.py): tokens sampled by the previous step, still on the
+    # device, one per batch slot; token ``merge_dst[i]`` of this step (T = none) takes
+    # ``prev_tokens[merge_src[i]]``. None when scheduling synchronously.
+    prev_tokens: jax.Array | None = None  # [max_num_seqs] int32
+    merge_dst: jax.Array | None = None  # [S] int32
+    merge_src: jax.Array | None = None  # [S] int32
 
 
 class HostStep(NamedTuple):
@@ -51,7 +58,7 @@ def prepare_inputs(
     query_lens = np.asarray(num_scheduled, np.int32)
     num_reqs, num_tokens = len(req_ids), int(query_lens.sum())
     padded_tokens = token_bucket(num_tokens)
-    padded_seqs = seq_bucket(num_reqs, max_num_seqs)
+    padded_seqs = step_seq_bucket(padded_tokens, max_num_seqs)
 
     starts = batch.num_computed_tokens[slots]
     kv_lens = starts + query_lens
@@ -70,7 +77,7 @@ def prepare_inputs(
     slot_mapping[:num_tokens] = pages * page_size + positions % page_size
 
     pages_needed = int(-(-kv_lens.max() // page_size)) if num_reqs else 1
-    width = page_bucket(pages_needed, batch.block_table.shape[1])
+    width = page_bucket(pages_needed, batch.block_table.shape[1], page_size)
     page_indices = np.zeros((padded_seqs, width), np.int32)
     page_indices[:num_reqs] = batch.block_table[slots, :width]
     padded_kv_lens = np.zeros(padded_seqs, np.int32)
@@ -100,3 +107,44 @@ def prepare_inputs(
         padded_num_seqs=padded_seqs,
     )
     return jax.device_put(step), host
+
+
+def merge_plan(
+    step: StepInputs,
+    host: HostStep,
+    batch: InputBatch,
+    num_scheduled: list[int],
+    unresolved: dict[str, tuple[int, int]],
+    prev_tokens: jax.Array,
+) -> StepInputs:
+    """Adds the async merge fields: which tokens of ``step`` are still on the device.
+
+    ``unresolved`` maps a request to (slot, position) of the token the previous, unresolved
+    step sampled for it; where this step schedules that position, the token's index in the
+    packed step goes to ``merge_dst`` and the slot to ``merge_src``.
+    """
+    padded_tokens, padded_seqs = step.input_ids.shape[0], host.padded_num_seqs
+    dst = np.full(padded_seqs, padded_tokens, np.int32)
+    src = np.zeros(padded_seqs, np.int32)
+    if unresolved:
+        query_lens = np.asarray(num_scheduled, np.int32)
+        query_start = np.cumsum(query_lens) - query_lens
+        for i, req_id in enumerate(host.req_ids):
+            pending = unresolved.get(req_id)
+            slot = int(host.slots[i])
+            if pending is None or pending[0] != slot:
+                continue
+            offset = pending[1] - int(batch.num_computed_tokens[slot])
+            if 0 <= offset < query_lens[i]:
+                dst[i], src[i] = query_start[i] + offset, slot
+    return step._replace(
+        prev_tokens=prev_tokens, merge_dst=jax.device_put(dst), merge_src=jax.device_put(src)
+    )
+
+
+def merge_prev_tokens(step: StepInputs) -> StepInputs:
+    """Inside the jitted forward: the previous step's sampled tokens into ``input_ids``."""
+    if step.merge_dst is None:
+        return step
+    tokens = step.prev_tokens[step.merge_src]
+    return step._replace(input_ids=step.input_ids.at[step.merge_dst].set(tokens, mode="drop"))

@@ -1,5 +1,9 @@
 """KV cache pages as JAX arrays: one ``(k_pages, v_pages)`` pair per attention layer.
 
+Models with multi-head latent attention (DeepSeek-V3) say so through the optional class hook
+``kv_cache_layout(cfg) -> (num_kv_heads, head_dim, latent)``; with ``latent`` a layer's cache is
+one page array (the compressed latent and rotary key, vLLM's ``MLAAttentionSpec``), no pair.
+
 vLLM's KV cache manager owns the bookkeeping (which block belongs to which request, prefix
 sharing); this module only describes the per-layer page format to vLLM and allocates the
 pages. A vLLM block id is directly the page index in every layer's arrays.
@@ -7,12 +11,18 @@ pages. A vLLM block id is directly the page index in every layer's arrays.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import torch
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheSpec
+from vllm.v1.kv_cache_interface import (
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheSpec,
+    MLAAttentionSpec,
+)
 
 from tpu_plugin.layers.attention import KVCache
 
@@ -23,24 +33,69 @@ TORCH_TO_JAX_DTYPE = {
 }
 
 
+class CacheLayout(NamedTuple):
+    """One layer's pages: ``[num_pages, page_size, num_kv_heads, head_dim]``, as a ``(k, v)``
+    pair, or as a single array when ``latent`` (MLA: one latent "head", no separate V)."""
+
+    num_kv_heads: int
+    head_dim: int
+    latent: bool = False
+
+
+def cache_layout(hf_config: Any) -> CacheLayout:
+    """The page layout of the model's JAX port: its ``kv_cache_layout`` hook, else K/V pairs
+    of ``num_key_value_heads`` x ``head_dim``."""
+    from tpu_plugin import envs
+    from tpu_plugin.models import registry
+    from tpu_plugin.models.llama import head_dim_of
+
+    default = CacheLayout(hf_config.num_key_value_heads, head_dim_of(hf_config))
+    if envs.model_impl() == "torchax":
+        return default
+    try:
+        model_class = registry.resolve_model_class(list(hf_config.architectures or []))
+    except registry.UnsupportedModelError:
+        return default
+    hook = getattr(model_class, "kv_cache_layout", None)
+    return default if hook is None else CacheLayout(*hook(hf_config))
+
+
 def layer_name(index: int) -> str:
     return f"model.layers.{index}.self_attn.attn"
 
 
 def kv_cache_spec(
-    num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    latent: bool = False,
 ) -> dict[str, KVCacheSpec]:
-    """One full-attention spec per layer, in the page format :func:`allocate` creates."""
-    spec = FullAttentionSpec(
+    """One full-attention spec per layer, in the page format :func:`allocate` creates
+    (``latent``: vLLM's MLA spec, whose page holds ``head_dim`` values per token, no V)."""
+    spec_class = MLAAttentionSpec if latent else FullAttentionSpec
+    spec = spec_class(
         block_size=block_size, num_kv_heads=num_kv_heads, head_size=head_dim, dtype=dtype
     )
     return {layer_name(i): spec for i in range(num_layers)}
 
 
 def allocate(
-    config: KVCacheConfig, num_layers: int, num_kv_heads: int, head_dim: int, dtype: Any
-) -> list[KVCache]:
-    """Zeroed pages for every layer, as many blocks as vLLM's budget gave."""
+    config: KVCacheConfig,
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: Any,
+    sharding: Callable[[tuple[int, ...]], Any] | None = None,
+    latent: bool = False,
+) -> list[KVCache] | list[jax.Array]:
+    """Zeroed pages for every layer, as many blocks as vLLM's budget gave.
+
+    ``sharding(shape)`` places the pages on the device mesh (KV heads split over the devices
+    when they divide, see :mod:`tpu_plugin.parallel.sharding`); each device allocates only its
+    own shard. ``latent`` (MLA) gives one page array per layer instead of a ``(k, v)`` pair.
+    """
     if len(config.kv_cache_groups) != 1:
         raise ValueError(
             f"tpu-plugin supports one KV cache group, got {len(config.kv_cache_groups)} "
@@ -48,13 +103,17 @@ def allocate(
         )
     block_size = config.kv_cache_groups[0].kv_cache_spec.block_size
     shape = (config.num_blocks, block_size, num_kv_heads, head_dim)
-    zeros = jax.jit(lambda: jnp.zeros(shape, dtype))
+    out_sharding = sharding(shape) if sharding is not None else None
+    zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=out_sharding)
+    if latent:
+        return [zeros() for _ in range(num_layers)]
     return [(zeros(), zeros()) for _ in range(num_layers)]
 
 
 @jax.jit
 def _copy_pages(kv_caches: list[KVCache], src: jax.Array, dst: jax.Array) -> list[KVCache]:
-    return [(k.at[dst].set(k[src]), v.at[dst].set(v[src])) for k, v in kv_caches]
+    # Every page array (K, V, or an MLA layer's single latent array) gets the same copies.
+    return jax.tree.map(lambda pages: pages.at[dst].set(pages[src]), kv_caches)
 
 
 def copy_blocks(kv_caches: list[KVCache], copies: list[Any]) -> list[KVCache]:

@@ -19,12 +19,25 @@ from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
 from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheSpec
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsLists, ModelRunnerOutput
 
-from tpu_plugin.models.llama import head_dim_of
 from tpu_plugin.models.loader import load_model, resolve_model_dir
+from tpu_plugin.models.registry import select_implementation
+from tpu_plugin.parallel import plan_for
 from tpu_plugin.runner import kv_cache
-from tpu_plugin.runner.compile import enable_persistent_cache
+from tpu_plugin.runner.async_output import AsyncStepOutput, record_tokens, start_host_copy
+from tpu_plugin.runner.compile import enable_persistent_cache, step_key
 from tpu_plugin.runner.input_batch import InputBatch, RequestState
-from tpu_plugin.runner.inputs import HostStep, StepInputs, prepare_inputs
+from tpu_plugin.runner.inputs import (
+    HostStep,
+    StepInputs,
+    merge_plan,
+    merge_prev_tokens,
+    prepare_inputs,
+)
+from tpu_plugin.runner.prompt_logprobs import (
+    PromptLogprobRows,
+    add_prompt_logit_rows,
+    collect_prompt_logprobs,
+)
 from tpu_plugin.runner.sampler import GREEDY_EPS, SamplingInputs, sample, to_host
 
 logger = init_logger(__name__)
@@ -44,18 +57,34 @@ class JaxModelRunner:
                 f"tpu-plugin supports kv_cache_dtype='auto' only (got "
                 f"{self.cache_config.cache_dtype!r}); drop --kv-cache-dtype"
             )
+        if self.model_config.logits_processors:
+            raise ValueError(
+                "tpu-plugin's jitted sampler cannot run custom torch logits processors; "
+                "drop --logits-processors"
+            )
         self.dtype = kv_cache.TORCH_TO_JAX_DTYPE[self.model_config.dtype]
         self.block_size = self.cache_config.block_size
         self.max_num_seqs = self.scheduler_config.max_num_seqs
         self.max_model_len = self.model_config.max_model_len
-        self.num_layers = self.hf_config.num_hidden_layers
-        self.num_kv_heads = self.hf_config.num_key_value_heads
-        self.head_dim = head_dim_of(self.hf_config)
+        self.model_impl = select_implementation(list(self.model_config.architectures or []))[0]
+        if self.model_impl == "torchax":  # vLLM's PyTorch model: its config accessors
+            from tpu_plugin.models.torchax import kv_cache_dims
+
+            self.num_layers, self.num_kv_heads, self.head_dim = kv_cache_dims(vllm_config)
+            self.latent_kv = False
+        else:
+            self.num_layers = self.hf_config.num_hidden_layers
+            # The model's page layout (K/V pairs, or MLA's latent array), see kv_cache.py.
+            self.num_kv_heads, self.head_dim, self.latent_kv = kv_cache.cache_layout(self.hf_config)
 
         self.requests: dict[str, RequestState] = {}
         self.batch = InputBatch(
-            self.max_num_seqs, self.max_model_len, -(-self.max_model_len // self.block_size)
+            self.max_num_seqs,
+            self.max_model_len,
+            -(-self.max_model_len // self.block_size),
+            vocab_size=self.model_config.get_vocab_size(),
         )
+        self._prompt_rows: PromptLogprobRows | None = None
         self.kv_caches: list[kv_cache.KVCache] = []
         self.num_pages = 0
         self._pending: tuple[jax.Array, HostStep] | None = None
@@ -66,16 +95,55 @@ class JaxModelRunner:
     def load_model(self) -> None:
         enable_persistent_cache()
         start = time.perf_counter()
+        # Async scheduling (async_output.py): the last sampled token of every slot stays on
+        # the device; the step whose host bookkeeping has not run yet, and its tokens' places.
+        self.async_scheduling = bool(self.scheduler_config.async_scheduling)
+        self._last_tokens = jax.device_put(np.zeros(self.max_num_seqs, np.int32))
+        self._unresolved: AsyncStepOutput | None = None
+        self._unresolved_tokens: dict[str, tuple[int, int]] = {}
         model_dir = resolve_model_dir(self.model_config.model, self.model_config.revision)
+        if self.model_impl == "torchax":  # vLLM's PyTorch model through torchax, same contract
+            from tpu_plugin.models.torchax import load_torchax_model
+
+            self.sharding_plan = getattr(self, "sharding_plan", None) or plan_for(self.vllm_config)
+            self.model, self.params, torchax_forward = load_torchax_model(
+                self.vllm_config, self.sharding_plan
+            )
+
+            def forward(params: Any, kv_caches: list, step: StepInputs) -> tuple[list, jax.Array]:
+                return torchax_forward(params, kv_caches, merge_prev_tokens(step))
+
+            self._forward = jax.jit(forward, donate_argnums=(1,))
+            self._aot_forward, self._compiled = self._forward, {}
+            logger.info("loaded %s (torchax) in %.1f s", model_dir, time.perf_counter() - start)
+            return
         self.model = load_model(model_dir, self.hf_config, self.dtype)
         graphdef, self.params = nnx.split(self.model)
+        # Tensor/expert parallelism: parameters onto the mesh (tpu_plugin/parallel/sharding.py).
+        plan = getattr(self, "sharding_plan", None) or plan_for(self.vllm_config)
+        self.sharding_plan = plan
+        self.params = plan.shard_params(self.params)
 
         def forward(params: Any, kv_caches: list, step: StepInputs) -> tuple[list, jax.Array]:
+            step = merge_prev_tokens(step)
             model = nnx.merge(graphdef, params)
             kv_caches, hidden = model(kv_caches, step.input_ids, step.positions, step.attention)
-            return kv_caches, model.compute_logits(hidden[step.logits_indices])
+            logits = model.compute_logits(hidden[step.logits_indices])
+            return plan.constrain_kv(kv_caches), plan.logits(logits)
 
         self._forward = jax.jit(forward, donate_argnums=(1,))
+        # Precompiled forward programs by step shape (compile.precompile); Ray's wrapper below
+        # converts inputs, so multi-process runs compile on first use instead.
+        self._aot_forward = None if plan.multi_process else self._forward
+        self._compiled: dict[tuple[int, ...], Any] = {}
+        if plan.multi_process:  # Ray: global inputs in, this process's logits out
+            jitted = self._forward
+
+            def run(params: Any, kv_caches: list, step: StepInputs) -> tuple[list, jax.Array]:
+                kv_caches, logits = jitted(params, kv_caches, plan.put_inputs(step))
+                return kv_caches, plan.local_result(logits)
+
+            self._forward = run
         logger.info("loaded %s in %.1f s", model_dir, time.perf_counter() - start)
 
     def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
@@ -85,11 +153,18 @@ class JaxModelRunner:
             self.head_dim,
             self.block_size,
             self.model_config.dtype,
+            latent=self.latent_kv,
         )
 
     def initialize_kv_cache(self, config: KVCacheConfig) -> None:
         self.kv_caches = kv_cache.allocate(
-            config, self.num_layers, self.num_kv_heads, self.head_dim, self.dtype
+            config,
+            self.num_layers,
+            self.num_kv_heads,
+            self.head_dim,
+            self.dtype,
+            sharding=self.sharding_plan.kv_sharding,
+            latent=self.latent_kv,
         )
         self.num_pages = config.num_blocks
         logger.info("KV cache: %d pages of %d tokens per layer", self.num_pages, self.block_size)
@@ -151,7 +226,20 @@ class JaxModelRunner:
             num_pages=self.num_pages,
             max_num_seqs=self.max_num_seqs,
         )
-        self.kv_caches, logits = self._forward(self.params, self.kv_caches, step)
+        if self.async_scheduling:
+            step = merge_plan(
+                step,
+                host,
+                self.batch,
+                [so.num_scheduled_tokens[r] for r in req_ids],
+                self._unresolved_tokens,
+                self._last_tokens,
+            )
+        step, self._prompt_rows = add_prompt_logit_rows(
+            step, host, self.batch, so.num_scheduled_tokens
+        )
+        forward = self._compiled.get(step_key(step), self._forward)
+        self.kv_caches, logits = forward(self.params, self.kv_caches, step)
         self._pending = (logits, host)
         return None
 
@@ -174,33 +262,94 @@ class JaxModelRunner:
             top_p=pad(top_p, 1.0, np.float32),
             seeds=pad(np.where(seed >= 0, seed, fresh).astype(np.uint32), 0, np.uint32),
             draws=pad(np.where(seed >= 0, generated, 0), 0, np.int32),
+            **self.batch.processor_inputs(slots, padded),
         )
         requested = int(self.batch.num_logprobs[slots].max(initial=-1))
+        # One width for every step (top max_logprobs) unless a request asks for more (-1: all).
+        width = min(max(requested, self.model_config.max_logprobs, 1), self.batch.vocab_size)
         flags = {
             "all_greedy": bool(np.all(temperature < GREEDY_EPS)),
             "use_top_k_top_p": bool(np.any(top_k > 0) or np.any(top_p < 1.0)),
-            "num_logprobs": 0 if requested < 0 else max(1, self.model_config.max_logprobs),
+            "num_logprobs": 0 if requested < 0 else width,
+            "logprobs_mode": self.model_config.logprobs_mode,
         }
-        return jax.device_put(inputs), flags
+        return inputs, flags
 
-    def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput:
+    def _grammar_bitmask(self, host: HostStep, grammar: GrammarOutput) -> np.ndarray:
+        """The scheduler's bitmask rows (in its request order) moved to this step's rows."""
+        row_of = {req_id: i for i, req_id in enumerate(host.req_ids)}
+        rows = np.fromiter(
+            (row_of.get(r, -1) for r in grammar.structured_output_request_ids), np.int64
+        )
+        bitmask = np.full((host.padded_num_seqs, grammar.grammar_bitmask.shape[1]), -1, np.int32)
+        bitmask[rows[rows >= 0]] = grammar.grammar_bitmask[: len(rows)][rows >= 0]
+        return bitmask
+
+    def sample_tokens(
+        self, grammar_output: GrammarOutput | None
+    ) -> ModelRunnerOutput | AsyncStepOutput:
+        if self._unresolved is not None:  # async: the previous step's tokens, for the history
+            self._unresolved.get_output()
         if self._pending is None:
             return EMPTY_MODEL_RUNNER_OUTPUT
-        if grammar_output is not None:
-            raise RuntimeError("structured output reached the runner; it is not supported yet")
         logits, host = self._pending
         self._pending = None
         params, flags = self._sampling_inputs(host)
-        out = to_host(sample(logits, params, **flags), len(host.req_ids))
+        if grammar_output is not None:
+            params = params._replace(bitmask=self._grammar_bitmask(host, grammar_output))
+        sampled = sample(logits, jax.device_put(params), **flags)
+        prompt_logprobs = {}
+        if self._prompt_rows is not None:
+            prompt_logprobs = collect_prompt_logprobs(
+                logits,
+                self._prompt_rows,
+                host,
+                self.batch,
+                self.requests,
+                self.model_config.logprobs_mode,
+            )
+            self._prompt_rows = None
+        if self.async_scheduling:
+            return self._async_output(sampled, host, prompt_logprobs)
+        return self._step_output(to_host(sampled, len(host.req_ids)), host, prompt_logprobs)
 
+    def _async_output(self, sampled: Any, host: HostStep, prompt_logprobs: dict) -> AsyncStepOutput:
+        """Keeps the sampled ids on the device for the next step; the host copy runs later."""
+        sampling = host.completes_prompt
+        slots = np.full(host.padded_num_seqs, self.max_num_seqs, np.int32)
+        slots[: len(host.slots)] = np.where(sampling, host.slots, self.max_num_seqs)
+        self._last_tokens = record_tokens(
+            self._last_tokens, jax.device_put(slots), sampled.token_ids
+        )
+        self._unresolved_tokens = {
+            req_id: (int(slot), int(self.batch.num_tokens[slot]))
+            for req_id, slot, samples in zip(host.req_ids, host.slots, sampling, strict=True)
+            if samples
+        }
+        start_host_copy(sampled)
+
+        def finish() -> ModelRunnerOutput:
+            self._unresolved, self._unresolved_tokens = None, {}
+            return self._step_output(to_host(sampled, len(host.req_ids)), host, prompt_logprobs)
+
+        self._unresolved = AsyncStepOutput(finish)
+        return self._unresolved
+
+    def _step_output(
+        self, out: dict[str, np.ndarray | None], host: HostStep, prompt_logprobs: dict
+    ) -> ModelRunnerOutput:
+        """Host bookkeeping of a sampled step and vLLM's output for it."""
         sampled_token_ids: list[list[int]] = []
         for i, req_id in enumerate(host.req_ids):
             if not host.completes_prompt[i]:
                 sampled_token_ids.append([])  # a prefill chunk that is not the last
                 continue
             token = int(out["token_ids"][i])
-            self.requests[req_id].output_token_ids.append(token)
-            self.batch.append_token(int(host.slots[i]), token)
+            state = self.requests.get(req_id)  # async: it may have finished meanwhile
+            if state is not None:
+                state.output_token_ids.append(token)
+            if self.batch.req_id_to_slot.get(req_id) == int(host.slots[i]):
+                self.batch.append_token(int(host.slots[i]), token)
             sampled_token_ids.append([token])
 
         logprobs = None
@@ -219,4 +368,5 @@ class JaxModelRunner:
             req_id_to_index={r: i for i, r in enumerate(host.req_ids)},
             sampled_token_ids=sampled_token_ids,
             logprobs=logprobs,
+            prompt_logprobs_dict=prompt_logprobs,
         )

@@ -1,10 +1,18 @@
-"""The jitted sampler: greedy, temperature, top-k, top-p, per-request seeds, logprobs.
+"""The jitted sampler: every ``SamplingParams`` field of vLLM's v1 sampler, batched over rows.
 
-Semantics follow vLLM's ``SamplingParams``: temperature below 1e-5 is greedy; ``top_k`` <= 0
-(or >= vocab) and ``top_p`` == 1 are off; logprobs are of the raw logits (vLLM's default
-``raw_logprobs``), with the sampled token first and its rank counted as vLLM does (number of
-tokens at least as likely). A request with a seed draws from ``fold_in(key(seed), n)`` where
-``n`` is how many tokens it has generated, so its output does not depend on the batch.
+Order of operations is vLLM's (``vllm/v1/sample/sampler.py``): the grammar bitmask first (vLLM's
+runner applies it before its sampler), then raw logprobs, allowed token ids, bad words,
+min-tokens, logit bias, penalties; greedy rows take the argmax of those logits; sampled rows
+are divided by their temperature, then min-p, top-k and top-p mask them before the draw.
+Temperature below 1e-5 is greedy; ``top_k`` <= 0 (or >= vocab) and ``top_p`` == 1 are off.
+Logprobs follow ``--logprobs-mode`` (default ``raw_logprobs``: log-softmax of the model's
+logits after the grammar mask), the sampled token first and its rank counted as vLLM does
+(number of tokens at least as likely). A request with a seed draws from ``fold_in(key(seed),
+n)`` where ``n`` is how many tokens it has generated, so its output does not depend on the
+batch.
+
+Optional features are ``None`` fields of :class:`SamplingInputs`; ``None`` is part of the jit
+cache key, so a batch that uses none of them runs the cheap program.
 """
 
 from __future__ import annotations
@@ -16,7 +24,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tpu_plugin.runner import logits_processing as lp
+
 GREEDY_EPS = 1e-5
+
+
+class Penalties(NamedTuple):
+    tokens: jax.Array  # [S, L] int32: each row's prompt then output token ids, padded
+    num_prompt: jax.Array  # [S] int32
+    num_tokens: jax.Array  # [S] int32
+    presence: jax.Array  # [S] float32
+    frequency: jax.Array  # [S] float32
+    repetition: jax.Array  # [S] float32
 
 
 class SamplingInputs(NamedTuple):
@@ -27,6 +46,17 @@ class SamplingInputs(NamedTuple):
     top_p: jax.Array  # [S] float32, 1 = off
     seeds: jax.Array  # [S] uint32
     draws: jax.Array  # [S] int32: index of this draw within the request
+    min_p: jax.Array | None = None  # [S] float32, 0 = off
+    penalties: Penalties | None = None
+    bias_ids: jax.Array | None = None  # [S, B] int32 (padding = vocab)
+    bias: jax.Array | None = None  # [S, B] float32
+    allowed_ids: jax.Array | None = None  # [S, A] int32 (padding = vocab; none = all allowed)
+    bad_words: jax.Array | None = None  # [S, W, L] int32, see logits_processing.apply_bad_words
+    bad_words_history: jax.Array | None = None  # [S, L - 1] int32
+    stop_ids: jax.Array | None = None  # [S, M] int32: stop tokens masked for min_tokens
+    stop_restore: jax.Array | None = None  # [S] bool: structured-output rows
+    bitmask: jax.Array | None = None  # [S, ceil(V/32)] int32 grammar bitmask (-1 = free)
+    logprob_ids: jax.Array | None = None  # [S, T] int32: logprob_token_ids (-1 = padding)
 
 
 class SampledTokens(NamedTuple):
@@ -37,23 +67,24 @@ class SampledTokens(NamedTuple):
     sampled_rank: jax.Array | None  # [S] int32
 
 
-def _mask_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Sets logits outside each row's top-k and top-p nucleus to -inf (one sort per row)."""
-    vocab = logits.shape[-1]
-    sorted_desc = -jnp.sort(-logits, axis=-1)
-    k = jnp.where((top_k <= 0) | (top_k >= vocab), vocab, top_k)
-    kth_value = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
-    # Nucleus: keep the smallest prefix whose probability reaches top_p (the first always).
-    probs = jax.nn.softmax(jnp.where(sorted_desc >= kth_value, sorted_desc, -jnp.inf), axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    in_nucleus = mass_before < top_p[:, None]
-    last_kept = jnp.sum(in_nucleus, axis=-1) - 1
-    cutoff = jnp.take_along_axis(sorted_desc, last_kept[:, None], axis=-1)
-    cutoff = jnp.maximum(cutoff, kth_value)
-    return jnp.where(logits >= cutoff, logits, -jnp.inf)
+def process_logits(logits: jax.Array, p: SamplingInputs) -> jax.Array:
+    """The processors that can change the argmax, in vLLM's order (after the bitmask)."""
+    if p.allowed_ids is not None:
+        logits = lp.apply_allowed_ids(logits, p.allowed_ids)
+    if p.bad_words is not None:
+        logits = lp.apply_bad_words(logits, p.bad_words, p.bad_words_history)
+    if p.stop_ids is not None:
+        logits = lp.apply_min_tokens(logits, p.stop_ids, p.stop_restore)
+    if p.bias_ids is not None:
+        logits = lp.apply_logit_bias(logits, p.bias_ids, p.bias)
+    if p.penalties is not None:
+        logits = lp.apply_penalties(logits, *p.penalties)
+    return logits
 
 
-@partial(jax.jit, static_argnames=("all_greedy", "use_top_k_top_p", "num_logprobs"))
+@partial(
+    jax.jit, static_argnames=("all_greedy", "use_top_k_top_p", "num_logprobs", "logprobs_mode")
+)
 def sample(
     logits: jax.Array,
     params: SamplingInputs,
@@ -61,32 +92,61 @@ def sample(
     all_greedy: bool,
     use_top_k_top_p: bool,
     num_logprobs: int,
+    logprobs_mode: str = "raw_logprobs",
 ) -> SampledTokens:
-    """Samples one token per row of float32 ``logits`` ``[S, vocab]``."""
+    """Samples one token per row of ``logits`` ``[>=S, vocab]`` (rows past S are ignored)."""
+    logits = logits[: params.temperature.shape[0]].astype(jnp.float32)
+    if params.bitmask is not None:
+        logits = lp.apply_bitmask(logits, params.bitmask)
+    raw = logits
+    logits = process_logits(logits, params)
     greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if all_greedy:
-        tokens = greedy_tokens
+        tokens, final = greedy_tokens, logits
     else:
         is_greedy = params.temperature < GREEDY_EPS
         temperature = jnp.where(is_greedy, 1.0, params.temperature)
         scaled = logits / temperature[:, None]
+        if params.min_p is not None:
+            scaled = lp.apply_min_p(scaled, params.min_p)
         if use_top_k_top_p:
-            scaled = _mask_top_k_top_p(scaled, params.top_k, params.top_p)
+            scaled = lp.mask_top_k_top_p(scaled, params.top_k, params.top_p)
 
         def draw(seed: jax.Array, index: jax.Array, row: jax.Array) -> jax.Array:
             key = jax.random.fold_in(jax.random.key(seed), index)
             return jax.random.categorical(key, row)
 
         random_tokens = jax.vmap(draw)(params.seeds, params.draws, scaled).astype(jnp.int32)
-        tokens = jnp.where(is_greedy, greedy_tokens, random_tokens)
+        tokens, final = jnp.where(is_greedy, greedy_tokens, random_tokens), scaled
 
     if num_logprobs == 0:
         return SampledTokens(tokens, None, None, None, None)
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    topk_logprobs, topk_ids = jax.lax.top_k(logprobs, num_logprobs)
-    sampled = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-    rank = jnp.sum(logprobs >= sampled[:, None], axis=-1).astype(jnp.int32)
-    return SampledTokens(tokens, topk_ids.astype(jnp.int32), topk_logprobs, sampled, rank)
+    scores = {
+        "raw_logprobs": lambda: jax.nn.log_softmax(raw, axis=-1),
+        "raw_logits": lambda: raw,
+        "processed_logprobs": lambda: jax.nn.log_softmax(final, axis=-1),
+        "processed_logits": lambda: final,
+    }[logprobs_mode]()
+    ids, values, rank = lp.gather_logprobs(scores, tokens, num_logprobs)
+    top_ids, top_values = ids[:, 1:], values[:, 1:]
+    if params.logprob_ids is not None:  # rows with logprob_token_ids: those ids, not the top-k
+        top_ids, top_values = lp.chosen_logprobs(scores, params.logprob_ids, top_ids, top_values)
+    return SampledTokens(tokens, top_ids, top_values, values[:, 0], rank)
+
+
+@partial(jax.jit, static_argnames=("start", "num_logprobs", "logprobs_mode"))
+def prompt_logprobs(
+    logits: jax.Array, targets: jax.Array, *, start: int, num_logprobs: int, logprobs_mode: str
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Prompt positions' scores (rows ``start:`` of ``logits``) for their next prompt token.
+
+    Prompt tokens skip every sampling processor, so the processed modes equal the raw ones
+    (as in vLLM).
+    """
+    rows = logits[start:].astype(jnp.float32)
+    if logprobs_mode in ("raw_logprobs", "processed_logprobs"):
+        rows = jax.nn.log_softmax(rows, axis=-1)
+    return lp.gather_logprobs(rows, targets, num_logprobs)
 
 
 def to_host(sampled: SampledTokens, num_reqs: int) -> dict[str, np.ndarray | None]:

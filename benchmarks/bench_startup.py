@@ -1,0 +1,99 @@
+"""Start-up of ``vllm.LLM`` on SmolLM2 with precompilation: empty compile cache vs warm cache.
+
+Each start-up runs in a fresh Python process (``python bench_startup.py --child``), as a user
+would start one, with ``TPU_PLUGIN_COMPILE_CACHE`` pointing at a directory that is empty for the
+first start-up and filled by it for the second. The child measures ``LLM(...)`` construction
+(weights, KV cache, precompilation of every bucket) and one short greedy generate, and prints
+one JSON line. Target: second start-up <= 1/3 of the first.
+
+    python benchmarks/bench_startup.py [--max-model-len 512 --max-num-seqs 8 --tokens 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+MODEL = os.path.expanduser("~/.cache/tpu-plugin/models/SmolLM2-135M-Instruct")
+
+
+def child(args: argparse.Namespace) -> None:
+    os.environ.setdefault("TPU_PLUGIN_DEVICE", "cpu")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # time the engine in this process
+    start = time.perf_counter()
+    from vllm import LLM, SamplingParams
+
+    imported = time.perf_counter()
+    llm = LLM(
+        model=args.model,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.tokens,
+        kv_cache_memory_bytes=256 * 2**20,
+        dtype="float32",
+    )
+    ready = time.perf_counter()
+    out = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=8))
+    first = time.perf_counter()
+    from tpu_plugin.runner.compile import step_buckets
+
+    print(
+        json.dumps(
+            {
+                "import_s": imported - start,
+                "llm_init_s": ready - imported,
+                "first_generate_s": first - ready,
+                "total_s": first - start,
+                "forward_buckets": len(
+                    step_buckets(args.tokens, args.max_num_seqs, args.max_model_len, 16)
+                ),
+                "text": out[0].outputs[0].text,
+            }
+        ),
+        flush=True,
+    )
+    llm.llm_engine.engine_core.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child", action="store_true")
+    parser.add_argument("--model", default=MODEL)
+    parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--max-num-seqs", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=256, help="--max-num-batched-tokens")
+    parser.add_argument("--cache-dir", default=None, help="default: a fresh temporary dir")
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    cache = args.cache_dir or tempfile.mkdtemp(prefix="tpu-plugin-bench-cache-")
+    shutil.rmtree(cache, ignore_errors=True)
+    env = dict(os.environ, TPU_PLUGIN_COMPILE_CACHE=cache, TPU_PLUGIN_PRECOMPILE="1")
+    cmd = [sys.executable, __file__, "--child", *sys.argv[1:]]
+    results = []
+    for label in ("first (empty cache)", "second (warm cache)"):
+        wall = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        line = next(x for x in proc.stdout.splitlines() if x.startswith('{"import_s"'))
+        result = json.loads(line)
+        result["process_s"] = time.perf_counter() - wall
+        results.append(result)
+        print(label, json.dumps(result), flush=True)
+    ratio = results[1]["llm_init_s"] / results[0]["llm_init_s"]
+    print(
+        f"LLM() start-up: first {results[0]['llm_init_s']:.1f} s, second "
+        f"{results[1]['llm_init_s']:.1f} s, ratio {ratio:.2f} (target <= 0.33)"
+    )
+    files = sum(len(f) for _, _, f in os.walk(cache))
+    print(f"cache {cache}: {files} files")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Precompilation at start-up: after ``vllm.LLM(...)`` returns, serving compiles nothing.
+
+The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that JAX's
+compilation events of the engine are seen here. The workload mixes prompt lengths, batch
+sizes, chunked prefill (prompts longer than the 32-token step budget), decode-only steps,
+greedy and sampled requests, top-k/top-p, seeds and logprobs; async scheduling is vLLM's
+default and on.
+"""
+
+from __future__ import annotations
+
+import jax
+import pytest
+from transformers import LlamaConfig
+
+from tests.conftest import SMALL, make_random_checkpoint, random_prompts
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@pytest.fixture
+def compile_counter():
+    """Counts XLA backend compilations (persistent-cache hits included) from now on."""
+    events: list[str] = []
+    active = [True]
+
+    def listener(event: str, duration: float, **_: object) -> None:
+        if active[0] and event == COMPILE_EVENT:
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    yield events
+    active[0] = False
+
+
+def test_no_compilation_while_serving(tmp_path, monkeypatch, make_llm, compile_counter):
+    from vllm import SamplingParams
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setenv("TPU_PLUGIN_PRECOMPILE", "1")
+    monkeypatch.setenv("TPU_PLUGIN_COMPILE_CACHE", str(tmp_path / "cache"))
+    model_dir = make_random_checkpoint(tmp_path / "llama", LlamaConfig(**SMALL))
+    llm = make_llm(
+        model_dir,
+        skip_tokenizer_init=True,
+        dtype="float32",
+        max_model_len=128,
+        max_num_seqs=4,
+        max_num_batched_tokens=32,
+        block_size=16,
+        kv_cache_memory_bytes=8 * 2**20,
+    )
+    assert llm.llm_engine.vllm_config.scheduler_config.async_scheduling
+    at_start = len(compile_counter)
+    print("=== serving starts ===", flush=True)
+    assert at_start > 0, "start-up compiled nothing: precompilation did not run"
+
+    def run(lengths, params, seed=1):
+        prompts = random_prompts(512, lengths=lengths, seed=seed)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [o.outputs[0] for o in outs]
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    run((3,), greedy)  # batch of one
+    run((3, 17, 5, 70, 9, 1, 28, 12), greedy)  # ragged, queued beyond max_num_seqs, chunked
+    run((100,), greedy)  # one long prompt: several 32-token chunks
+    sampled = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, max_tokens=10, seed=7)
+    run((5, 40, 2), sampled, seed=2)
+    outs = run((8, 30), SamplingParams(temperature=1.0, max_tokens=6, logprobs=3), seed=3)
+    assert all(len(o.logprobs) == len(o.token_ids) for o in outs)
+    run((6, 50, 11), SamplingParams(temperature=0.0, max_tokens=8, logprobs=1), seed=4)
+    during = len(compile_counter) - at_start
+    print(f"start-up compiled {at_start} programs; serving compiled {during}")
+    assert during == 0, f"{during} programs compiled while serving"

@@ -1,0 +1,169 @@
+"""Every sharding rule of the plugin, in one place: parameter name → ``PartitionSpec``.
+
+Models stay device-count free: their parameters keep Hugging Face names, and this module maps
+those names to specs on the ``("data", "model")`` mesh of :mod:`tpu_plugin.parallel.mesh`
+(Megatron-style tensor parallelism; XLA's SPMD partitioner inserts the collectives):
+
+- column-split (output rows over ``model``): ``q_proj``, ``k_proj``, ``v_proj``, ``gate_proj``,
+  ``up_proj`` (weights ``[out, in]`` and their biases) — each device computes its own heads /
+  its slice of the MLP intermediate;
+- row-split (input columns over ``model``): ``o_proj``, ``down_proj`` — partial sums, one
+  all-reduce per block; their biases replicated;
+- ``k_proj``/``v_proj`` and the KV pages are replicated instead when the KV heads do not divide
+  over the devices (fewer KV heads than devices): every device then keeps all KV heads;
+- ``embed_tokens`` / ``lm_head`` ``[vocab, hidden]`` split on the vocabulary when it divides;
+  the logits are computed vocabulary-split and then gathered (:meth:`ShardingPlan.logits`),
+  else XLA gathers the whole ``lm_head`` weight every step;
+- stacked experts (``experts.gate_up_proj [E, 2I, H]``, ``experts.down_proj [E, H, I]``): with
+  ``--enable-expert-parallel`` the ``expert`` axis the MoE layer annotates on dimension 0 maps to
+  ``model`` (whole experts per device); without it, tensor parallelism inside every expert
+  (``2I`` / ``I`` split like ``gate_proj``/``down_proj``);
+- everything else (norms, routers, rotary tables) replicated.
+
+A dimension that a rule would split but that does not divide over the devices is replicated
+instead (the run stays correct; :meth:`ShardingPlan.describe` shows the decision).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from tpu_plugin.parallel.mesh import MODEL_AXIS, ParallelLayout
+
+COLUMN_SPLIT = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROW_SPLIT = ("o_proj", "down_proj")
+KV_PROJECTIONS = ("k_proj", "v_proj")
+EXPERT_STACKS = {"gate_up_proj": 1, "down_proj": 2}  # stacked tensor → its TP dimension
+EXPERT_AXIS = "expert"  # the logical axis name the MoE layer annotates (layers/moe.py)
+
+
+def _split_dim(shape: tuple[int, ...], dim: int, tp: int) -> P:
+    """``model`` on ``dim`` when it divides over ``tp`` devices, else replicated."""
+    if tp == 1 or shape[dim] % tp:
+        return P()
+    spec: list[str | None] = [None] * len(shape)
+    spec[dim] = MODEL_AXIS
+    return P(*spec)
+
+
+def param_spec(
+    name: str, shape: tuple[int, ...], layout: ParallelLayout, annotation: tuple | None = None
+) -> P:
+    """The ``PartitionSpec`` of parameter ``name`` (Hugging Face name) of shape ``shape``.
+
+    ``annotation`` is the parameter's flax ``out_sharding`` (logical axis names), if any.
+    """
+    tp = layout.tp
+    parts = name.split(".")
+    leaf = parts[-1]
+    module = parts[-2] if len(parts) > 1 else ""
+    if tp == 1:
+        return P()
+    if leaf in EXPERT_STACKS and module == "experts":
+        if layout.expert_parallel:
+            logical = annotation or (EXPERT_AXIS,) + (None,) * (len(shape) - 1)
+            dims = [i for i, axis in enumerate(logical) if axis == EXPERT_AXIS]
+            return _split_dim(shape, dims[0], tp) if dims else P()
+        return _split_dim(shape, EXPERT_STACKS[leaf], tp)
+    if leaf not in ("weight", "bias"):
+        return P()
+    if module in KV_PROJECTIONS and not layout.kv_heads_split:
+        return P()
+    if module in COLUMN_SPLIT:
+        return _split_dim(shape, 0, tp)
+    if module in ROW_SPLIT:
+        return _split_dim(shape, 1, tp) if leaf == "weight" else P()
+    if module in ("embed_tokens", "lm_head") and leaf == "weight":
+        return _split_dim(shape, 0, tp)
+    return P()
+
+
+def kv_spec(shape: tuple[int, ...], layout: ParallelLayout) -> P:
+    """KV pages ``[blocks, page, kv_heads, dim]``: split on the KV heads when they divide.
+
+    Any other layout (e.g. a latent MLA cache without a head axis) is replicated.
+    """
+    if len(shape) == 4 and shape[2] == layout.num_kv_heads and layout.kv_heads_split:
+        return _split_dim(shape, 2, layout.tp)
+    return P()
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingPlan:
+    """The mesh plus the layout; places parameters, KV pages and step inputs on the mesh."""
+
+    mesh: Mesh
+    layout: ParallelLayout
+
+    def named(self, spec: P) -> NamedSharding:
+        return NamedSharding(self.mesh, spec)
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    @property
+    def multi_process(self) -> bool:
+        """The mesh spans devices of other processes (Ray, one worker per host)."""
+        return jax.process_count() > 1
+
+    def describe(self, params: nnx.State) -> dict[str, P]:
+        """``{parameter name: spec}`` for every parameter, as :meth:`shard_params` places it."""
+        out = {}
+        for path, var in nnx.to_flat_state(params):
+            name = ".".join(str(p) for p in path)
+            value = var.get_value()
+            annotation = var.get_metadata().get("out_sharding")
+            out[name] = param_spec(name, tuple(value.shape), self.layout, annotation)
+        return out
+
+    def shard_params(self, params: nnx.State) -> nnx.State:
+        """Moves every parameter onto the mesh with its spec (in place; returns ``params``)."""
+        specs = self.describe(params)
+        for path, var in nnx.to_flat_state(params):
+            name = ".".join(str(p) for p in path)
+            var.set_value(jax.device_put(var.get_value(), self.named(specs[name])))
+        return params
+
+    def kv_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
+        return self.named(kv_spec(shape, self.layout))
+
+    def constrain_kv(self, kv_caches: Any) -> Any:
+        """Inside the jitted step: keeps the updated pages in their allocated sharding, so the
+        donated input buffers are reused and nothing is resharded between steps."""
+        return jax.tree.map(
+            lambda x: jax.lax.with_sharding_constraint(x, self.kv_sharding(tuple(x.shape))),
+            kv_caches,
+        )
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Inside the jitted step: ``[rows, vocab]`` logits computed vocabulary-split (each
+        device its slice of ``lm_head``), then replicated: the gather moves the logits, not the
+        ``lm_head`` weight, which XLA otherwise all-gathers when only the replicated output is
+        constrained."""
+        if self.layout.tp > 1 and x.shape[-1] % self.layout.tp == 0:
+            spec = P(*([None] * (x.ndim - 1)), MODEL_AXIS)
+            x = jax.lax.with_sharding_constraint(x, self.named(spec))
+        return jax.lax.with_sharding_constraint(x, self.replicated)
+
+    def constrain_replicated(self, x: Any) -> Any:
+        return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, self.replicated), x)
+
+    def put_inputs(self, tree: Any) -> Any:
+        """Step inputs onto the mesh. One process: as they are (jit places them); several:
+        as global replicated arrays (every process holds the same host values)."""
+        if not self.multi_process:
+            return tree
+        return jax.device_put(tree, self.replicated)
+
+    def local_result(self, x: jax.Array) -> jax.Array:
+        """A replicated result as this process's local array (for host-side sampling)."""
+        if not self.multi_process:
+            return x
+        return x.addressable_data(0)
