@@ -44,39 +44,13 @@ def make_llama(out: Path, layers: int, hidden: int, vocab: int) -> Path:
     return out
 
 
-def ragged_step(lens: list[int], starts: list[int], pages_per_seq: int, num_pages: int, vocab):
+def random_step(lens: list[int], starts: list[int], pages_per_seq: int, num_pages: int, vocab):
     """Sequence ``i`` adds ``lens[i]`` random tokens at ``starts[i]`` on its own pages."""
-    from tpu_plugin.layers.attention import AttentionMetadata
-    from tpu_plugin.runner.compile import token_bucket
-    from tpu_plugin.runner.inputs import StepInputs
+    from tpu_plugin.tools.direct_steps import ragged_step
 
     rng = np.random.default_rng(0)
-    padded = token_bucket(sum(lens))
-    ids = np.zeros(padded, np.int32)
-    positions = np.zeros(padded, np.int32)
-    slots = np.full(padded, num_pages * PAGE, np.int32)
-    offset = 0
-    for i, (n, start) in enumerate(zip(lens, starts, strict=True)):
-        pos = np.arange(start, start + n)
-        ids[offset : offset + n] = rng.integers(3, vocab, n)
-        positions[offset : offset + n] = pos
-        slots[offset : offset + n] = (i * pages_per_seq + pos // PAGE) * PAGE + pos % PAGE
-        offset += n
-    cu = np.cumsum(lens)
-    return StepInputs(
-        input_ids=jnp.asarray(ids),
-        positions=jnp.asarray(positions),
-        attention=AttentionMetadata(
-            slot_mapping=jnp.asarray(slots),
-            kv_lens=jnp.asarray(np.asarray(starts) + np.asarray(lens), jnp.int32),
-            page_indices=jnp.arange(len(lens) * pages_per_seq, dtype=jnp.int32).reshape(
-                len(lens), -1
-            ),
-            query_start_loc=jnp.asarray(np.concatenate([[0], cu]), jnp.int32),
-            num_seqs=jnp.asarray([len(lens)], jnp.int32),
-        ),
-        logits_indices=jnp.asarray(cu - 1, jnp.int32),
-    )
+    tokens = [rng.integers(3, vocab, n) for n in lens]
+    return ragged_step(tokens, starts, pages_per_seq, num_pages, PAGE)
 
 
 def time_steps(forwards: dict, dims, step, num_pages: int, repeats: int) -> dict[str, tuple]:
@@ -86,11 +60,11 @@ def time_steps(forwards: dict, dims, step, num_pages: int, repeats: int) -> dict
     forwards, so load from other processes on a shared machine hits both alike, and the
     minimum is the least disturbed figure.
     """
-    layers, kv_heads, head_dim = dims
-    shape = (num_pages, PAGE, kv_heads, head_dim)
+    from tpu_plugin.tools.direct_steps import empty_kv_caches
+
     state = {}
     for name, (forward, params) in forwards.items():
-        caches = [(jnp.zeros(shape), jnp.zeros(shape)) for _ in range(layers)]
+        caches = empty_kv_caches(dims, num_pages, PAGE)
         jitted = jax.jit(forward, donate_argnums=(1,))
         caches, logits = jitted(params, caches, step)
         logits.block_until_ready()
@@ -119,23 +93,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
 
-    from flax import nnx
     from transformers import AutoConfig
     from vllm.engine.arg_utils import EngineArgs
 
     from tpu_plugin.models.loader import load_model
     from tpu_plugin.models.torchax import TorchaxModel
+    from tpu_plugin.tools.direct_steps import native_forward
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_llama(Path(tmp) / "llama", args.layers, args.hidden, args.vocab)
         native = load_model(str(model_dir), AutoConfig.from_pretrained(model_dir), jnp.float32)
-        graphdef, state = nnx.split(native)
-
-        def native_forward(params, kv_caches, step):
-            model = nnx.merge(graphdef, params)
-            kv_caches, hidden = model(kv_caches, step.input_ids, step.positions, step.attention)
-            return kv_caches, model.compute_logits(hidden[step.logits_indices])
-
+        forward, state = native_forward(native)
         config = EngineArgs(
             model=str(model_dir), skip_tokenizer_init=True, dtype="float32", max_model_len=2048
         ).create_engine_config()
@@ -145,10 +113,10 @@ def main() -> None:
         pages_per_seq = -(-(args.prompt + 1) // PAGE)
         num_pages = pages_per_seq * args.batch
         steps = {
-            f"prefill {args.batch}x{args.prompt}": ragged_step(
+            f"prefill {args.batch}x{args.prompt}": random_step(
                 [args.prompt] * args.batch, [0] * args.batch, pages_per_seq, num_pages, args.vocab
             ),
-            f"decode {args.batch} at {args.prompt}": ragged_step(
+            f"decode {args.batch} at {args.prompt}": random_step(
                 [1] * args.batch, [args.prompt] * args.batch, pages_per_seq, num_pages, args.vocab
             ),
         }
@@ -160,7 +128,7 @@ def main() -> None:
         print("| step | native JAX | torchax | torchax / native (min) |")
         print("|---|---|---|---|")
         forwards = {
-            "native": (native_forward, state),
+            "native": (forward, state),
             "torchax": (torchax_model.forward, torchax_model.params),
         }
         for name, step in steps.items():

@@ -40,6 +40,38 @@ def activate(gate: jax.Array, activation: str) -> jax.Array:
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
+def gated_mlp(
+    rows: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, activation: str, precision
+) -> jax.Array:
+    """``[..., T, H]`` rows through one expert's gated MLP per leading index, float32 out.
+
+    ``w_gate_up`` ``[..., 2I, H]`` and ``w_down`` ``[..., H, I]`` carry the same leading axes as
+    ``rows`` (none for one expert, a tile axis for ``xla``'s batched tiles), so every
+    implementation that runs plain matmuls shares these numbers: float32 accumulation, the
+    activation in float32, the intermediate rounded to ``w_down.dtype``.
+    """
+    gate_up = jnp.einsum(
+        "...th,...nh->...tn",
+        rows,
+        w_gate_up,
+        precision=precision,
+        preferred_element_type=jnp.float32,
+    )
+    return jnp.einsum(
+        "...ti,...hi->...th",
+        gate_times_up(gate_up, activation).astype(w_down.dtype),
+        w_down,
+        precision=precision,
+        preferred_element_type=jnp.float32,
+    )
+
+
+def gate_times_up(gate_up: jax.Array, activation: str) -> jax.Array:
+    """``act(gate) * up`` in float32 from a ``[..., 2I]`` gate_up projection (gate first)."""
+    inter = gate_up.shape[-1] // 2
+    return activate(gate_up[..., :inter], activation) * gate_up[..., inter:]
+
+
 def precision_of(dtype) -> lax.Precision | None:
     """Full float32 matmuls for float32 inputs; the MXU's native path for narrower ones."""
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
@@ -75,22 +107,12 @@ def fused_moe(
 ) -> jax.Array:
     """``[T, H]``: each token's k chosen experts' gated MLPs, weighted and summed (the spec)."""
     check_activation(activation)
-    _, _, _, num_experts, inter = check_shapes(x, weights, expert_ids, w_gate_up, w_down)
+    num_experts = check_shapes(x, weights, expert_ids, w_gate_up, w_down)[3]
     precision = precision_of(x.dtype)
     out = jnp.zeros(x.shape, jnp.float32)
     for e in range(num_experts):
         # A token's weight for expert e (0 when not chosen; summed if chosen twice).
         combine = jnp.sum(jnp.where(expert_ids == e, weights.astype(jnp.float32), 0.0), axis=1)
-        gate_up = jnp.einsum(
-            "th,nh->tn", x, w_gate_up[e], precision=precision, preferred_element_type=jnp.float32
-        )
-        hidden = activate(gate_up[:, :inter], activation) * gate_up[:, inter:]
-        y = jnp.einsum(
-            "ti,hi->th",
-            hidden.astype(w_down.dtype),
-            w_down[e],
-            precision=precision,
-            preferred_element_type=jnp.float32,
-        )
+        y = gated_mlp(x, w_gate_up[e], w_down[e], activation, precision)
         out = out + combine[:, None] * y
     return out.astype(x.dtype)

@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from .reference import activate, check_activation, check_shapes, precision_of
-from .xla import routing_layout
+from .xla import combine_choices, gather_padded_rows, routing_layout
 
 DEFAULT_BLOCK_M = 128
 # Preferred column (output) and contraction tiles: the largest that divides the dimension, else
@@ -210,7 +210,7 @@ def fused_moe(
     row_token, assignment_row, tile_expert, num_used = routing_layout(expert_ids, num_experts, tm)
     num_tiles = tile_expert.shape[0]
     padded_rows = num_tiles * tm
-    rows = jnp.concatenate([x, jnp.zeros((1, hidden), x.dtype)])[row_token]  # [P, H]
+    rows = gather_padded_rows(x, row_token)  # [P, H]
 
     # Kernel 1: [P, H] x w_gate_up[e] -> act(gate) * up, [P, I].
     tn = _pick(inter, block_n, BLOCK_N_CHOICES, "block_n")
@@ -274,6 +274,4 @@ def fused_moe(
 
     # Combine: each token's k rows (dropped assignments read as zeros), weighted, in float32.
     per_choice = jnp.take(down_rows, assignment_row, axis=0, mode="fill", fill_value=0.0)
-    per_choice = per_choice.reshape(num_tokens, top_k, hidden)
-    out = jnp.einsum("tk,tkh->th", weights.astype(jnp.float32), per_choice, precision="highest")
-    return out.astype(x.dtype)
+    return combine_choices(per_choice, weights, x.dtype)

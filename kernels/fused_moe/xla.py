@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .reference import activate, check_activation, check_shapes, precision_of
+from .reference import check_activation, check_shapes, gate_times_up, gated_mlp, precision_of
 
 METHODS = ("tiles", "ragged_dot")
 DEFAULT_GATHER_BYTES = 256 << 20
@@ -103,6 +103,19 @@ def routing_layout(expert_ids: jax.Array, num_experts: int, block_m: int, tile_m
     return row_token, dest[inverse], tile_expert, jnp.reshape(num_used, (1,))
 
 
+def gather_padded_rows(x: jax.Array, row_token: jax.Array) -> jax.Array:
+    """``x``'s rows in ``routing_layout``'s padded order; padding rows (token ``T``) are zeros."""
+    return jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[row_token]
+
+
+def combine_choices(per_choice: jax.Array, weights: jax.Array, dtype) -> jax.Array:
+    """``[T, H]`` in ``dtype``: each token's ``[T * k, H]`` expert results summed with its
+    routing weights in float32."""
+    per_choice = per_choice.reshape(*weights.shape, per_choice.shape[-1])
+    out = jnp.einsum("tk,tkh->th", weights.astype(jnp.float32), per_choice, precision="highest")
+    return out.astype(dtype)
+
+
 def pick_block_m(num_assignments: int, num_experts: int) -> int:
     """A power of two in [8, 512] at least the mean rows per used expert."""
     mean = num_assignments / max(1, min(num_experts, num_assignments))
@@ -113,7 +126,7 @@ def pick_block_m(num_assignments: int, num_experts: int) -> int:
 
 
 def _tiles(x, weights, expert_ids, w_gate_up, w_down, activation, block_m, gather_bytes):
-    num_tokens, hidden, top_k, num_experts, inter = check_shapes(
+    num_tokens, hidden, top_k, num_experts, _ = check_shapes(
         x, weights, expert_ids, w_gate_up, w_down
     )
     precision = precision_of(x.dtype)
@@ -127,28 +140,13 @@ def _tiles(x, weights, expert_ids, w_gate_up, w_down, activation, block_m, gathe
         expert_ids, num_experts, tm, tile_multiple=group
     )
     num_tiles = tile_expert.shape[0]
-    rows = jnp.concatenate([x, jnp.zeros((1, hidden), x.dtype)])[row_token]
-    rows = rows.reshape(num_tiles, tm, hidden)  # padding rows are zeros
+    rows = gather_padded_rows(x, row_token).reshape(num_tiles, tm, hidden)  # padding rows are zeros
 
     def step(c, out):
         first = c * group
         r = lax.dynamic_slice_in_dim(rows, first, group)
         experts = lax.dynamic_slice_in_dim(tile_expert, first, group)
-        gate_up = jnp.einsum(
-            "gth,gnh->gtn",
-            r,
-            w_gate_up[experts],
-            precision=precision,
-            preferred_element_type=jnp.float32,
-        )
-        h = activate(gate_up[..., :inter], activation) * gate_up[..., inter:]
-        y = jnp.einsum(
-            "gti,ghi->gth",
-            h.astype(w_down.dtype),
-            w_down[experts],
-            precision=precision,
-            preferred_element_type=jnp.float32,
-        )
+        y = gated_mlp(r, w_gate_up[experts], w_down[experts], activation, precision)
         return lax.dynamic_update_slice_in_dim(out, y, first, 0)
 
     out_rows = lax.fori_loop(
@@ -161,30 +159,20 @@ def _tiles(x, weights, expert_ids, w_gate_up, w_down, activation, block_m, gathe
 
 
 def _ragged_dot(x, weights, expert_ids, w_gate_up, w_down, activation):
-    num_tokens, hidden, top_k, num_experts, inter = check_shapes(
-        x, weights, expert_ids, w_gate_up, w_down
-    )
+    top_k, num_experts = check_shapes(x, weights, expert_ids, w_gate_up, w_down)[2:4]
     precision = precision_of(x.dtype)
     order, inverse, group_sizes = sort_by_expert(expert_ids, num_experts)
     rows = x[order // top_k]  # [T*k, H], grouped by expert
-    gate_up = lax.ragged_dot_general(
-        rows,
-        w_gate_up,
-        group_sizes,
-        _GROUPED_NT,
+    grouped = functools.partial(
+        lax.ragged_dot_general,
+        group_sizes=group_sizes,
+        ragged_dot_dimension_numbers=_GROUPED_NT,
         precision=precision,
         preferred_element_type=jnp.float32,
     )
-    h = activate(gate_up[:, :inter], activation) * gate_up[:, inter:]
+    h = gate_times_up(grouped(rows, w_gate_up), activation)
     # Rows past the last group (assignments to ids outside [0, E)) come out as zeros.
-    down = lax.ragged_dot_general(
-        h.astype(w_down.dtype),
-        w_down,
-        group_sizes,
-        _GROUPED_NT,
-        precision=precision,
-        preferred_element_type=jnp.float32,
-    )
+    down = grouped(h.astype(w_down.dtype), w_down)
     return down[inverse]
 
 
@@ -210,13 +198,10 @@ def fused_moe(
     check_activation(activation)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    num_tokens, hidden, top_k, _, _ = check_shapes(x, weights, expert_ids, w_gate_up, w_down)
     if method == "tiles":
         per_choice = _tiles(
             x, weights, expert_ids, w_gate_up, w_down, activation, block_m, gather_bytes
         )
     else:
         per_choice = _ragged_dot(x, weights, expert_ids, w_gate_up, w_down, activation)
-    per_choice = per_choice.reshape(num_tokens, top_k, hidden)
-    out = jnp.einsum("tk,tkh->th", weights.astype(jnp.float32), per_choice, precision="highest")
-    return out.astype(x.dtype)
+    return combine_choices(per_choice, weights, x.dtype)

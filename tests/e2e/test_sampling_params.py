@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import make_random_checkpoint
+from tests.conftest import SMALL, make_random_checkpoint
 
 MAX_TOKENS = 12
 
@@ -32,13 +32,7 @@ def make_tokenized_random_llama(out_dir: Path, smollm2_dir: Path) -> Path:
         return out_dir
 
     config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
+        **(SMALL | dict(vocab_size=49152, max_position_embeddings=1024)),
         bos_token_id=1,
         eos_token_id=2,
         tie_word_embeddings=True,

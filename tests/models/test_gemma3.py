@@ -11,14 +11,8 @@ from __future__ import annotations
 
 from transformers import Gemma3TextConfig
 
-from tests.conftest import (
-    LONG_PROMPT_LENGTHS,
-    SMALL,
-    assert_greedy_matches_hf,
-    assert_logits_match_hf,
-    make_random_checkpoint,
-    random_prompts,
-)
+from tests.conftest import LONG_PROMPT_LENGTHS, SMALL
+from tests.models.helpers import check_greedy_matches_hf, check_logits_match_hf
 
 # Gemma 2's final cap; released Gemma 3 configs set none, but the port must honour one when set.
 FINAL_SOFTCAP = 30.0
@@ -41,13 +35,12 @@ def gemma3_config() -> Gemma3TextConfig:
     )
 
 
+CONFIGS = {"gemma3-window-16": gemma3_config}
+
+
 def test_logits_match_hf(tmp_path):
-    model_dir = make_random_checkpoint(tmp_path / "gemma3", gemma3_config(), norm_noise=0.2)
-    prompts = random_prompts(SMALL["vocab_size"], LONG_PROMPT_LENGTHS)
-    assert_logits_match_hf(model_dir, prompts, "gemma3-window-16")
+    check_logits_match_hf(tmp_path, CONFIGS, "gemma3-window-16", LONG_PROMPT_LENGTHS)
 
 
 def test_greedy_ragged_batch_matches_hf(tmp_path, make_llm):
-    model_dir = make_random_checkpoint(tmp_path / "gemma3", gemma3_config(), norm_noise=0.2)
-    prompts = random_prompts(SMALL["vocab_size"], LONG_PROMPT_LENGTHS)
-    assert_greedy_matches_hf(make_llm, model_dir, prompts)
+    check_greedy_matches_hf(tmp_path, make_llm, CONFIGS, "gemma3-window-16", LONG_PROMPT_LENGTHS)

@@ -8,14 +8,8 @@ from __future__ import annotations
 
 from transformers import MistralConfig
 
-from tests.conftest import (
-    LONG_PROMPT_LENGTHS,
-    SMALL,
-    assert_greedy_matches_hf,
-    assert_logits_match_hf,
-    make_random_checkpoint,
-    random_prompts,
-)
+from tests.conftest import LONG_PROMPT_LENGTHS, SMALL
+from tests.models.helpers import check_greedy_matches_hf, check_logits_match_hf
 
 WINDOW = 16
 
@@ -24,13 +18,12 @@ def mistral_config() -> MistralConfig:
     return MistralConfig(**SMALL, sliding_window=WINDOW, tie_word_embeddings=False)
 
 
+CONFIGS = {"mistral-window-16": mistral_config}
+
+
 def test_logits_match_hf(tmp_path):
-    model_dir = make_random_checkpoint(tmp_path / "mistral", mistral_config(), norm_noise=0.2)
-    prompts = random_prompts(SMALL["vocab_size"], LONG_PROMPT_LENGTHS)
-    assert_logits_match_hf(model_dir, prompts, "mistral-window-16")
+    check_logits_match_hf(tmp_path, CONFIGS, "mistral-window-16", LONG_PROMPT_LENGTHS)
 
 
 def test_greedy_ragged_batch_matches_hf(tmp_path, make_llm):
-    model_dir = make_random_checkpoint(tmp_path / "mistral", mistral_config(), norm_noise=0.2)
-    prompts = random_prompts(SMALL["vocab_size"], LONG_PROMPT_LENGTHS)
-    assert_greedy_matches_hf(make_llm, model_dir, prompts)
+    check_greedy_matches_hf(tmp_path, make_llm, CONFIGS, "mistral-window-16", LONG_PROMPT_LENGTHS)

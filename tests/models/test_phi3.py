@@ -14,15 +14,12 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from transformers import Phi3Config
 
-from tests.conftest import (
-    LONG_PROMPT_LENGTHS,
-    PROMPT_LENGTHS,
-    SMALL,
-    assert_greedy_matches_hf,
-    assert_logits_match_hf,
-    jax_last_logits,
-    make_random_checkpoint,
-    random_prompts,
+from tests.conftest import LONG_PROMPT_LENGTHS, PROMPT_LENGTHS, SMALL, jax_last_logits
+from tests.models.helpers import (
+    check_greedy_matches_hf,
+    check_logits_match_hf,
+    checkpoint,
+    prompts,
 )
 
 # Phi-3's special token ids (32000…) lie outside the small vocabulary.
@@ -37,21 +34,19 @@ CONFIGS = {
 }
 
 
-def prompts_for(name: str) -> list[list[int]]:
-    lengths = LONG_PROMPT_LENGTHS if "window" in name else PROMPT_LENGTHS
-    return random_prompts(SMALL["vocab_size"], lengths)
+def lengths_for(name: str) -> tuple[int, ...]:
+    return LONG_PROMPT_LENGTHS if "window" in name else PROMPT_LENGTHS
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_logits_match_hf(tmp_path, name):
-    model_dir = make_random_checkpoint(tmp_path / name, CONFIGS[name](), norm_noise=0.2)
-    assert_logits_match_hf(model_dir, prompts_for(name), name)
+    check_logits_match_hf(tmp_path, CONFIGS, name, lengths_for(name))
 
 
 def test_split_checkpoint_layout_loads_the_same(tmp_path):
     """The fused checkpoint and one with q/k/v and gate/up stored apart give equal logits."""
     name = "phi3-partial-rotary-tied"
-    model_dir = make_random_checkpoint(tmp_path / name, CONFIGS[name](), norm_noise=0.2)
+    model_dir = checkpoint(tmp_path, CONFIGS, name)
     cfg = CONFIGS[name]()
     q_rows = cfg.num_attention_heads * (cfg.hidden_size // cfg.num_attention_heads)
     kv_rows = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
@@ -72,14 +67,13 @@ def test_split_checkpoint_layout_loads_the_same(tmp_path):
         else:
             split[key] = tensor
     save_file(split, model_dir / "model.safetensors", metadata={"format": "pt"})
-    prompts = prompts_for(name)
-    fused_dir = make_random_checkpoint(tmp_path / "fused", CONFIGS[name](), norm_noise=0.2)
+    sample = prompts(lengths_for(name))
+    fused_dir = checkpoint(tmp_path / "fused", CONFIGS, name)
     np.testing.assert_array_equal(
-        jax_last_logits(model_dir, prompts), jax_last_logits(fused_dir, prompts)
+        jax_last_logits(model_dir, sample), jax_last_logits(fused_dir, sample)
     )
 
 
 def test_greedy_ragged_batch_matches_hf(tmp_path, make_llm):
     name = "phi3-mini-window"
-    model_dir = make_random_checkpoint(tmp_path / name, CONFIGS[name](), norm_noise=0.2)
-    assert_greedy_matches_hf(make_llm, model_dir, prompts_for(name))
+    check_greedy_matches_hf(tmp_path, make_llm, CONFIGS, name, lengths_for(name))

@@ -17,15 +17,13 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from transformers import AutoConfig, Qwen3MoeConfig
 
-from tests.conftest import (
-    PROMPT_LENGTHS,
-    SMALL,
-    assert_greedy_matches_hf,
-    assert_logits_match_hf,
-    jax_last_logits,
-    make_random_checkpoint,
-    max_rel_error,
-    random_prompts,
+from tests.conftest import SMALL, max_rel_error
+from tests.models import helpers
+from tests.models.helpers import (
+    assert_fused_layout_loads_the_same,
+    check_greedy_matches_hf,
+    check_logits_match_hf,
+    stack_experts,
 )
 
 MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=32)
@@ -45,13 +43,12 @@ CONFIGS = {
 
 
 def checkpoint(tmp_path, name: str):
-    return make_random_checkpoint(tmp_path / name, CONFIGS[name](), norm_noise=0.2)
+    return helpers.checkpoint(tmp_path, CONFIGS, name)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_logits_match_hf(tmp_path, name):
-    prompts = random_prompts(SMALL["vocab_size"], PROMPT_LENGTHS)
-    assert_logits_match_hf(checkpoint(tmp_path, name), prompts, name)
+    check_logits_match_hf(tmp_path, CONFIGS, name)
 
 
 def test_mixed_layers_are_dense_and_sparse(tmp_path):
@@ -102,32 +99,21 @@ def nnx_partition_spec(module) -> dict[str, tuple]:
 
 def test_fused_checkpoint_layout_loads_the_same(tmp_path):
     """Experts saved fused (transformers 5's in-memory layout) give the per-expert logits."""
-    name = "qwen3-moe"
-    model_dir = checkpoint(tmp_path, name)
-    cfg = CONFIGS[name]()
-    tensors = load_file(model_dir / "model.safetensors")
-    fused = {k: v for k, v in tensors.items() if ".experts." not in k}
-    for layer in range(cfg.num_hidden_layers):
+    cfg = CONFIGS["qwen3-moe"]()
+
+    def fused_layer(tensors, layer):
         base = f"model.layers.{layer}.mlp.experts"
-        experts = range(cfg.num_experts)
-        fused[f"{base}.gate_up_proj"] = np.stack(
-            [
-                np.concatenate(
-                    [tensors[f"{base}.{e}.gate_proj.weight"], tensors[f"{base}.{e}.up_proj.weight"]]
-                )
-                for e in experts
-            ]
+        stacked = stack_experts(
+            tensors, base, cfg.num_experts, ("gate_proj", "up_proj", "down_proj")
         )
-        fused[f"{base}.down_proj"] = np.stack(
-            [tensors[f"{base}.{e}.down_proj.weight"] for e in experts]
-        )
-    fused_dir = tmp_path / "fused"
-    fused_dir.mkdir()
-    (fused_dir / "config.json").write_text((model_dir / "config.json").read_text())
-    save_file(fused, fused_dir / "model.safetensors", metadata={"format": "pt"})
-    prompts = random_prompts(SMALL["vocab_size"], PROMPT_LENGTHS[:3])
-    np.testing.assert_array_equal(
-        jax_last_logits(fused_dir, prompts), jax_last_logits(model_dir, prompts)
+        return {f"{base}.{name}": value for name, value in stacked.items()}
+
+    assert_fused_layout_loads_the_same(
+        tmp_path,
+        checkpoint(tmp_path, "qwen3-moe"),
+        cfg.num_hidden_layers,
+        keep=lambda key: ".experts." not in key,
+        fused_layer=fused_layer,
     )
 
 
@@ -143,5 +129,4 @@ def test_missing_expert_names_the_tensor(tmp_path):
 
 
 def test_greedy_ragged_batch_matches_hf(tmp_path, make_llm):
-    model_dir = checkpoint(tmp_path, "qwen3-moe-mixed")
-    assert_greedy_matches_hf(make_llm, model_dir, random_prompts(SMALL["vocab_size"]))
+    check_greedy_matches_hf(tmp_path, make_llm, CONFIGS, "qwen3-moe-mixed")

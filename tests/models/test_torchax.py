@@ -67,63 +67,25 @@ def vllm_config_for(model_dir: Path):
     ).create_engine_config()
 
 
-def _step(tokens: list[list[int]], starts: list[int], pages_per_seq: int, num_pages: int):
-    """A ragged step: sequence ``i`` adds ``tokens[i]`` at ``starts[i]`` on its own pages."""
-    import jax.numpy as jnp
-
-    from tpu_plugin.layers.attention import AttentionMetadata
-    from tpu_plugin.runner.compile import token_bucket
-    from tpu_plugin.runner.inputs import StepInputs
-
-    lens = [len(t) for t in tokens]
-    total, padded = sum(lens), token_bucket(sum(lens))
-    ids = np.zeros(padded, np.int32)
-    positions = np.zeros(padded, np.int32)
-    slots = np.full(padded, num_pages * PAGE, np.int32)  # padding writes past the cache
-    offset = 0
-    for i, (seq, start) in enumerate(zip(tokens, starts, strict=True)):
-        pos = np.arange(start, start + len(seq))
-        ids[offset : offset + len(seq)] = seq
-        positions[offset : offset + len(seq)] = pos
-        slots[offset : offset + len(seq)] = (i * pages_per_seq + pos // PAGE) * PAGE + pos % PAGE
-        offset += len(seq)
-    cu = np.cumsum(lens)
-    n = len(tokens)
-    return StepInputs(
-        input_ids=jnp.asarray(ids),
-        positions=jnp.asarray(positions),
-        attention=AttentionMetadata(
-            slot_mapping=jnp.asarray(slots),
-            kv_lens=jnp.asarray(np.asarray(starts) + np.asarray(lens), jnp.int32),
-            page_indices=jnp.arange(n * pages_per_seq, dtype=jnp.int32).reshape(n, -1),
-            query_start_loc=jnp.asarray(np.concatenate([[0], cu]), jnp.int32),
-            num_seqs=jnp.asarray([n], jnp.int32),
-        ),
-        logits_indices=jnp.asarray(cu - 1, jnp.int32),
-    ), total
-
-
 def ragged_greedy(forward, params, dims, prompts: list[list[int]], new_tokens: int, dtype=None):
     """``(last-prompt-position logits, greedy tokens)`` through ``forward`` (the runner's
     ``(params, kv_caches, step) -> (kv_caches, logits)`` contract): all prompts prefilled in
     one ragged step, then decoded together one token per step."""
     import jax
-    import jax.numpy as jnp
 
-    num_layers, kv_heads, head_dim = dims
+    from tpu_plugin.tools.direct_steps import empty_kv_caches, ragged_step
+
     pages_per_seq = -(-(max(map(len, prompts)) + new_tokens) // PAGE)
     num_pages = pages_per_seq * len(prompts)
-    shape = (num_pages, PAGE, kv_heads, head_dim)
-    dtype = dtype or jnp.float32
-    caches = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers)]
+    caches = empty_kv_caches(dims, num_pages, PAGE, dtype or np.float32)
     jitted = jax.jit(forward, donate_argnums=(1,))
-    step, _ = _step(prompts, [0] * len(prompts), pages_per_seq, num_pages)
+    step = ragged_step(prompts, [0] * len(prompts), pages_per_seq, num_pages, PAGE)
     caches, logits = jitted(params, caches, step)
     first_logits = np.asarray(logits, np.float32)
     out = [[int(t)] for t in np.argmax(first_logits, axis=-1)]
     for _ in range(new_tokens - 1):
         starts = [len(p) + len(o) - 1 for p, o in zip(prompts, out, strict=True)]
-        step, _ = _step([[o[-1]] for o in out], starts, pages_per_seq, num_pages)
+        step = ragged_step([[o[-1]] for o in out], starts, pages_per_seq, num_pages, PAGE)
         caches, logits = jitted(params, caches, step)
         for o, t in zip(out, np.argmax(np.asarray(logits), axis=-1), strict=True):
             o.append(int(t))
@@ -162,26 +124,20 @@ def test_transformers_backend_architecture_matches_hf(tmp_path, name):
 
 def test_llama_torchax_matches_native_and_hf(tmp_path):
     import jax.numpy as jnp
-    from flax import nnx
     from transformers import AutoConfig
 
     from tpu_plugin.models.loader import load_model
     from tpu_plugin.models.torchax import TorchaxModel
+    from tpu_plugin.tools.direct_steps import native_forward
 
     model_dir = make_random_checkpoint(tmp_path / "llama", CONFIGS["llama"](), norm_noise=0.2)
     prompts = random_prompts(512)
     expected = hf_greedy(model_dir, prompts, NEW_TOKENS)
 
     native = load_model(str(model_dir), AutoConfig.from_pretrained(model_dir), jnp.float32)
-    graphdef, state = nnx.split(native)
-
-    def native_forward(params, kv_caches, step):
-        model = nnx.merge(graphdef, params)
-        kv_caches, hidden = model(kv_caches, step.input_ids, step.positions, step.attention)
-        return kv_caches, model.compute_logits(hidden[step.logits_indices])
-
+    forward, state = native_forward(native)
     dims = (SMALL["num_hidden_layers"], SMALL["num_key_value_heads"], 16)
-    native_logits, native_tokens = ragged_greedy(native_forward, state, dims, prompts, NEW_TOKENS)
+    native_logits, native_tokens = ragged_greedy(forward, state, dims, prompts, NEW_TOKENS)
 
     model = TorchaxModel(vllm_config_for(model_dir))
     assert model.kv_cache_dims == dims

@@ -18,19 +18,11 @@ from pathlib import Path
 import pytest
 from transformers import LlamaConfig, Qwen3MoeConfig
 
-from tests.conftest import make_random_checkpoint
+from tests.conftest import SMALL, make_random_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 # 8 query heads so that TP = 8 divides them; 2 KV heads: split at TP = 2, replicated at 4 and 8.
-DIMS = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-)
+DIMS = SMALL | dict(num_attention_heads=8)
 MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16)
 
 
