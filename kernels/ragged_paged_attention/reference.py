@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .validation import check_arguments
+
 DEFAULT_TOKEN_BLOCK = 16
 
 
@@ -84,11 +86,17 @@ def ragged_paged_attention(
     Returns ``[num_tokens, num_q_heads, head_dim]`` in the queries' dtype; rows of padding
     tokens are zero.
     """
+    group = check_arguments(
+        queries,
+        k_pages,
+        v_pages,
+        kv_lens,
+        page_indices,
+        query_start_loc,
+        sliding_window=sliding_window,
+    )
     num_tokens, num_q_heads, head_dim = queries.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"{num_q_heads} query heads do not group over {num_kv_heads} KV heads")
-    group = num_q_heads // num_kv_heads
     kv_width = page_indices.shape[1] * page_size
 
     seq_of_token, position, is_real = token_layout(kv_lens, query_start_loc, num_seqs, num_tokens)

@@ -44,6 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from . import tuning
+from .validation import check_arguments
 
 # Masked scores: finite so that a row with no visible key in a block keeps a finite softmax; a
 # real score later rescales its contribution by exp(MASK - real) == 0 exactly.
@@ -365,14 +366,18 @@ def ragged_paged_attention(
     - ``interpret``: ``True`` (or a ``pltpu.InterpretParams``) runs the kernel in TPU interpret
       mode on CPU.
     """
+    group = check_arguments(
+        queries,
+        k_pages,
+        v_pages,
+        kv_lens,
+        page_indices,
+        query_start_loc,
+        sliding_window=sliding_window,
+    )
     num_tokens, num_q_heads, head_dim = queries.shape
     num_pages, page_size, num_kv_heads, _ = k_pages.shape
     max_num_seqs, pages_per_seq = page_indices.shape
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"{num_q_heads} query heads do not group over {num_kv_heads} KV heads")
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be a positive number of keys, got {sliding_window}")
-    group = num_q_heads // num_kv_heads
     if interpret is True:
         interpret = pltpu.InterpretParams()
     else:

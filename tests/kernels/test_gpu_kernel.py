@@ -15,6 +15,8 @@ A representative subset runs by default, the full sweep is ``slow``.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,12 +41,17 @@ def tol_of(dtype) -> float:
     return FP32_TOL if jnp.dtype(dtype) == jnp.float32 else BF16_TOL
 
 
-def check_kernel(batch, *, block=(None, None), **kwargs):
+def check_kernel(batch, *, block=(None, None), num_kv_splits=None, **kwargs):
     """Runs kernel (interpret mode) and reference on ``batch`` and checks the kernel's numbers."""
     want = reference_attention(batch, **kwargs)
     block_q, pages = block
     got = gpu.ragged_paged_attention(
-        *batch.args(), **kwargs, block_q=block_q, num_kv_pages_per_block=pages, interpret=True
+        *batch.args(),
+        **kwargs,
+        block_q=block_q,
+        num_kv_pages_per_block=pages,
+        num_kv_splits=num_kv_splits,
+        interpret=True,
     )
     assert got.shape == want.shape and got.dtype == want.dtype
     real = batch.num_real_tokens
@@ -133,6 +140,127 @@ def test_query_blocks_table():
     np.testing.assert_array_equal(first_position[:3], [4, 8, 4])
 
 
+# ---------------------------------------------------------------- split-KV
+
+# Ragged lengths over a wide page table: a 1-key decode has one KV block, so with 2 or 4 splits
+# some programs get an empty run; prefill chunks and decodes share the call.
+SPLIT_SEQS = [(1, 1), (1, 17), (1, 200), (3, 90), (20, 50), (1, 64), (9, 9)]
+
+
+@pytest.mark.parametrize("splits", [1, 2, 4])
+def test_split_kv(splits):
+    batch = make_batch(seed_of("gpu_split", splits), SPLIT_SEQS, pages_per_seq=16)
+    check_kernel(batch, block=(4, 1), num_kv_splits=splits, sm_scale=0.1)
+
+
+@pytest.mark.parametrize(
+    "splits, window, soft_cap, dtype",
+    [(2, 40, None, jnp.float32), (4, 5, 5.0, jnp.bfloat16), (3, None, 30.0, jnp.float32)],
+)
+def test_split_kv_window_and_soft_cap(splits, window, soft_cap, dtype):
+    """A window can leave a split nothing to see, and 3 splits do not divide the blocks."""
+    batch = make_batch(seed_of("gpu_split_w", splits, window), SPLIT_SEQS, dtype=dtype)
+    check_kernel(
+        batch,
+        block=(4, 1),
+        num_kv_splits=splits,
+        sm_scale=0.2,
+        sliding_window=window,
+        soft_cap=soft_cap,
+    )
+
+
+def test_decode_defaults_split():
+    """A decode-shaped call (tokens <= sequence slots) with a long page table takes the 16-row
+    tile and several splits by default, and still matches the reference."""
+    seqs = [(1, 1), (1, 150), (1, 33), (1, 256)]
+    batch = make_batch(
+        seed_of("gpu_decode_default"), seqs, max_num_seqs=8, num_tokens=6, pages_per_seq=32
+    )
+    assert gpu.default_block_sizes(4, 16, decode=True) == (4, 4)
+    splits = gpu.default_num_kv_splits(
+        num_tokens=6, max_num_seqs=8, num_kv_heads=2, block_q=4, kv_blocks_per_seq=8
+    )
+    assert splits == 2
+    check_kernel(batch, sm_scale=128**-0.5)
+
+
+def test_default_num_kv_splits():
+    """Few query blocks and a long page table split; prefill-heavy shapes and short tables not."""
+    decode = dict(num_tokens=64, max_num_seqs=64, num_kv_heads=8, block_q=4)
+    assert gpu.default_num_kv_splits(**decode, kv_blocks_per_seq=32) == 8
+    assert gpu.default_num_kv_splits(**decode, kv_blocks_per_seq=128) == 8
+    assert gpu.default_num_kv_splits(**decode, kv_blocks_per_seq=4) == 1  # too short to split
+    assert gpu.default_num_kv_splits(**{**decode, "num_tokens": 1}, kv_blocks_per_seq=512) == 16
+    prefill = dict(num_tokens=8192, max_num_seqs=256, num_kv_heads=8, block_q=16)
+    assert gpu.default_num_kv_splits(**prefill, kv_blocks_per_seq=512) == 1
+
+
+def test_merge_splits_is_exact():
+    """Softmax over all keys == merge of per-split partials (empty splits included)."""
+    rng = np.random.default_rng(seed_of("gpu_merge"))
+    scores = rng.standard_normal((3, 40)) * 5
+    values = rng.standard_normal((40, 8))
+    bounds = [0, 0, 13, 14, 40]  # split 0 is empty
+    m, denom, acc = [], [], []
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        s = scores[:, lo:hi]
+        top = s.max(axis=1) if hi > lo else np.full(3, -1e30)
+        p = np.exp(s - top[:, None])
+        m.append(top)
+        denom.append(p.sum(axis=1))
+        acc.append(p @ values[lo:hi])
+    got = gpu.merge_splits(*(jnp.asarray(np.stack(x), jnp.float32) for x in (m, denom, acc)))
+    weights = np.exp(scores - scores.max(axis=1, keepdims=True))
+    want = weights @ values / weights.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    # No split saw a key: zero, not NaN.
+    empty = gpu.merge_splits(
+        jnp.full((2, 1), -1e30), jnp.zeros((2, 1)), jnp.zeros((2, 1, 4), jnp.float32)
+    )
+    np.testing.assert_array_equal(np.asarray(empty), 0.0)
+
+
+def test_rejects_zero_splits():
+    batch = make_batch(seed_of("gpu_zero_split"), [(2, 5)])
+    with pytest.raises(ValueError, match="num_kv_splits must be at least 1"):
+        gpu.ragged_paged_attention(*batch.args(), sm_scale=0.1, num_kv_splits=0, interpret=True)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("window", "sliding_window must be a positive number of keys"),
+        ("heads", "6 query heads do not group over 4 KV heads"),
+        ("v_pages", "k_pages and v_pages must both be"),
+        ("kv_lens", "kv_lens must be \\[max_num_seqs\\]"),
+        ("head_dim", "queries have head_dim 64 but the KV pages 128"),
+    ],
+)
+@pytest.mark.parametrize("impl", ["reference", "tpu", "gpu"])
+def test_shared_argument_checks(impl, bad, message):
+    """Reference, TPU and GPU kernels reject bad calls alike (``validation.check_arguments``)."""
+    from tpu_kernels.ragged_paged_attention import reference, tpu
+
+    heads = (6, 4) if bad == "heads" else (8, 2)
+    batch = make_batch(seed_of("bad_args"), [(2, 5)], num_q_heads=heads[0], num_kv_heads=heads[1])
+    args = list(batch.args())
+    if bad == "v_pages":
+        args[2] = args[2][:, :8]
+    elif bad == "kv_lens":
+        args[3] = args[3][:-1]
+    elif bad == "head_dim":
+        args[0] = args[0][..., :64]
+    kwargs = dict(sm_scale=0.1, sliding_window=0 if bad == "window" else None)
+    fn = {
+        "reference": reference.ragged_paged_attention,
+        "tpu": functools.partial(tpu.ragged_paged_attention, interpret=True),
+        "gpu": functools.partial(gpu.ragged_paged_attention, interpret=True),
+    }[impl]
+    with pytest.raises(ValueError, match=message):
+        fn(*args, **kwargs)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -153,15 +281,17 @@ def test_rejects_tiles_too_small_for_dot():
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
-@pytest.mark.parametrize("dtype, group", [(jnp.float32, 1), (jnp.bfloat16, 3)])
-def test_lowers_to_triton(dtype, group):
+@pytest.mark.parametrize(
+    "dtype, group, splits", [(jnp.float32, 1, 1), (jnp.bfloat16, 3, 1), (jnp.bfloat16, 4, 4)]
+)
+def test_lowers_to_triton(dtype, group, splits):
     """Interpret mode accepts any jnp; this checks that every op has a Triton lowering rule.
 
     It runs Pallas' Triton lowering on CPU for an abstract H100. Triton's compiler (TTIR to
     PTX) needs a GPU build of jaxlib and is not exercised here.
     """
     batch = make_batch(
-        seed_of("gpu_lower", dtype, group),
+        seed_of("gpu_lower", dtype, group, splits),
         [(1, 30), (20, 50)],
         num_q_heads=2 * group,
         num_kv_heads=2,
@@ -176,7 +306,9 @@ def test_lowers_to_triton(dtype, group):
     )
 
     def attention(*args):
-        return gpu.ragged_paged_attention(*args, sm_scale=0.1, sliding_window=64, soft_cap=30.0)
+        return gpu.ragged_paged_attention(
+            *args, sm_scale=0.1, sliding_window=64, soft_cap=30.0, num_kv_splits=splits
+        )
 
     try:
         with jax.sharding.use_abstract_mesh(mesh):
@@ -264,6 +396,34 @@ def test_large_mixed_batch():
     ]
     batch = make_batch(seed_of("gpu_large", "batch"), seqs, dtype=jnp.bfloat16, max_num_seqs=40)
     check_kernel(batch, sm_scale=128**-0.5, sliding_window=128)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mix", sorted(MIXES))
+@pytest.mark.parametrize("splits", [2, 3, 8])
+@pytest.mark.parametrize("window", [None, 7])
+def test_split_kv_sweep(mix, splits, window):
+    batch = make_batch(
+        seed_of("gpu_split_sweep", mix, splits, window), MIXES[mix], dtype=jnp.bfloat16
+    )
+    check_kernel(batch, block=(4, 1), num_kv_splits=splits, sm_scale=0.1, sliding_window=window)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_seqs", [1, 5, 12])
+def test_decode_defaults_sweep(num_seqs):
+    """Decode-shaped calls with default tiles and splits, ragged lengths, wide page tables."""
+    rng = np.random.default_rng(seed_of("gpu_decode_sweep", num_seqs))
+    seqs = [(1, int(n)) for n in rng.integers(1, 400, num_seqs)]
+    batch = make_batch(
+        seed_of("gpu_decode_sweep", "batch", num_seqs),
+        seqs,
+        dtype=jnp.bfloat16,
+        max_num_seqs=16,
+        num_tokens=16,
+        pages_per_seq=32,
+    )
+    check_kernel(batch, sm_scale=128**-0.5, soft_cap=30.0)
 
 
 @pytest.mark.parametrize(
