@@ -27,6 +27,9 @@ import sys
 import time
 
 os.environ.setdefault("TPU_PLUGIN_DEVICE", "gpu")
+# The step profile is a function sent to the engine's worker (LLM.collective_rpc).
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 OUT = os.environ.get("OUT", "/tmp")
 RESULTS: dict = {}
 
@@ -55,23 +58,64 @@ def copy_bandwidth() -> float:
     return 2 * 4 * 2**30 / seconds
 
 
-def bench_attention_kernels(contexts: list[int], bw: float, batch: int = 64) -> None:
+def bench_attention_kernels(
+    contexts: list[int], bw: float, batch: int = 64, sweep: list[tuple] | None = None
+) -> None:
     """Ragged paged attention decode (GQA 32/8, head 128, bf16, page 16): achieved KV bytes/s.
+
+    Times the reference once and the Pallas GPU kernel for every config of ``sweep`` (default
+    below); per context it records each config's fraction of the copy bandwidth and
+    relative error against the reference, and the best config (``attn_best@<context>``). The
+    kernel's defaults are also stored as ``attn_pallas-gpu@<context>``. A config that fails to
+    build or run is recorded with its error and the sweep goes on.
 
     Runs in a subprocess-free way before the engine starts; JAX's preallocation is turned off
     for this process so the engine (a separate process) still gets its memory.
     """
+    import functools
+
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from tpu_kernels.ragged_paged_attention import reference
 
+    # (num_kv_splits, num_kv_pages_per_block, num_warps, num_stages, block_q); None = the
+    # kernel's default (here: 8 splits, 4 pages = 64 keys, block_q 4 = 16-row tiles). The
+    # first row is the kernel's defaults. 12 configs, ~1 s of compile each per context.
+    sweep = sweep or [
+        (None, None, 4, 2, None),
+        (1, 4, 4, 2, 16),  # the kernel before split-KV: 64-row tiles, one split
+        (4, 4, 4, 2, 16),  # split-KV on 64-row tiles
+        (1, 4, 4, 2, None),  # 16-row tiles, one split
+        (2, 4, 4, 2, None),
+        (4, 4, 4, 2, None),
+        (16, 4, 4, 2, None),
+        (8, 2, 4, 2, None),
+        (8, 8, 4, 2, None),
+        (8, 4, 4, 3, None),
+        (8, 4, 8, 2, None),
+        (8, 4, 2, 2, None),
+    ]
     impls = {"reference": reference.ragged_paged_attention}
     try:
         from tpu_kernels.ragged_paged_attention import gpu
 
-        impls["pallas-gpu"] = gpu.ragged_paged_attention
+        for i, (splits, pages, warps, stages, block_q) in enumerate(sweep):
+            name = (
+                "pallas-gpu"
+                if i == 0
+                else f"pallas-gpu splits={splits or 'auto'} pages={pages or 'auto'} "
+                f"warps={warps} stages={stages} block_q={block_q or 'auto'}"
+            )
+            impls[name] = functools.partial(
+                gpu.ragged_paged_attention,
+                num_kv_splits=splits,
+                num_kv_pages_per_block=pages,
+                num_warps=warps,
+                num_stages=stages,
+                block_q=block_q,
+            )
     except ImportError:
         pass
     q_heads, kv_heads, dim, page = 32, 8, 128, 16
@@ -88,37 +132,42 @@ def bench_attention_kernels(contexts: list[int], bw: float, batch: int = 64) -> 
         starts = jnp.arange(batch + 1, dtype=jnp.int32)
         num_seqs = jnp.array([batch], jnp.int32)
         kv_bytes = 2 * batch * context * kv_heads * dim * 2
-        outputs = {}
+        ref = None
+        stage_start = time.perf_counter()
         for name, fn in impls.items():
             layout = (kv_lens, table, starts, num_seqs)
             call = jax.jit(lambda q, k, v, layout, fn=fn: fn(q, k, v, *layout, sm_scale=dim**-0.5))
             try:
-                out = call(q, k, v, layout).block_until_ready()
+                out = np.asarray(call(q, k, v, layout).block_until_ready(), np.float32)
+                call(q, k, v, layout).block_until_ready()
+                start = time.perf_counter()
+                for _ in range(50):
+                    result = call(q, k, v, layout)
+                result.block_until_ready()
+                seconds = (time.perf_counter() - start) / 50
             except Exception as error:  # a kernel that fails to build is reported, not fatal
                 RESULTS[f"attn_{name}@{context}"] = {"error": str(error)[:300]}
                 continue
-            outputs[name] = np.asarray(out, np.float32)
-            start = time.perf_counter()
-            for _ in range(20):
-                out = call(q, k, v, layout)
-            out.block_until_ready()
-            seconds = (time.perf_counter() - start) / 20
-            RESULTS[f"attn_{name}@{context}"] = {
+            row = {
                 "ms": seconds * 1e3,
                 "kv_bytes_s": kv_bytes / seconds,
                 "fraction_of_copy_bw": kv_bytes / seconds / bw,
             }
-        if "pallas-gpu" in outputs and "reference" in outputs:
-            ref = outputs["reference"]
-            RESULTS[f"attn_pallas-gpu@{context}"]["rel_err"] = float(
-                np.abs(outputs["pallas-gpu"] - ref).max() / np.abs(ref).max()
-            )
-        print(
-            "attention",
-            context,
-            {k: v for k, v in RESULTS.items() if k.startswith("attn")},
-            flush=True,
-        )
+            if name == "reference":
+                ref = out
+            elif ref is not None:
+                row["rel_err"] = float(np.abs(out - ref).max() / np.abs(ref).max())
+            RESULTS[f"attn_{name}@{context}"] = row
+            print("attention", context, name, row, flush=True)
+        timed = {
+            name: RESULTS[f"attn_{name}@{context}"]
+            for name in impls
+            if name != "reference" and "ms" in RESULTS[f"attn_{name}@{context}"]
+        }
+        if timed:
+            best = min(timed, key=lambda name: timed[name]["ms"])
+            RESULTS[f"attn_best@{context}"] = {"config": best, **timed[best]}
+        RESULTS[f"attn_stage@{context}"] = {"seconds": time.perf_counter() - stage_start}
         save()
         del q, k, v
 
@@ -244,6 +293,23 @@ def bench_plugin(path: str, batches: list[int], prompt_len: int, new_tokens: int
         }
         print("plugin", batch, RESULTS[f"plugin@{batch}"], flush=True)
         save()
+    # Same programs, same engine: the device step alone (benchmarks/step_profile.py).
+    import cloudpickle
+    import step_profile
+
+    cloudpickle.register_pickle_by_value(step_profile)
+    context = prompt_len + new_tokens // 2
+    try:
+        (profile,) = llm.collective_rpc(step_profile.device_step_profile, args=(batches, context))
+        RESULTS["step_profile"] = profile
+        for batch in batches:
+            (ops,) = llm.collective_rpc(step_profile.op_profile, args=(batch, context))
+            RESULTS[f"op_profile@{batch}"] = ops
+            print("op profile", batch, json.dumps(ops, indent=1), flush=True)
+    except Exception as error:  # the throughput numbers stand without it
+        RESULTS["step_profile"] = {"error": str(error)[:300]}
+    print("step profile", RESULTS["step_profile"], flush=True)
+    save()
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
@@ -285,11 +351,46 @@ def bench_hf(path: str, batches: list[int], prompt_len: int, new_tokens: int, vo
         save()
 
 
+def weight_bytes_per_step(config, weight_bytes: int) -> int:
+    """Weight bytes a decode step reads: all but the input embedding table (a step gathers
+    one row of it per token; with tied embeddings the table is the lm_head and is read)."""
+    if getattr(config, "tie_word_embeddings", False):
+        return weight_bytes
+    return weight_bytes - config.vocab_size * config.hidden_size * 2
+
+
 def roofline_tok_s(config, weight_bytes: int, batch: int, context: float, bw: float) -> float:
     head_dim = config.hidden_size // config.num_attention_heads
     kv_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 2
-    step_bytes = weight_bytes + batch * context * kv_bytes
+    step_bytes = weight_bytes_per_step(config, weight_bytes) + batch * context * kv_bytes
     return batch / (step_bytes / bw)
+
+
+def print_step_profile(config, weight_bytes: int, batches: list[int], context: float, bw: float):
+    """Engine step vs the device program alone vs the roofline, in ms per decode step."""
+    profile = RESULTS.get("step_profile") or {}
+    if "error" in profile or not profile:
+        print(f"\nstep profile: {profile.get('error', 'not run')}")
+        return
+    print(
+        "\n| batch | engine ms/step | forward+sample ms | forward ms | dispatch ms | "
+        "roofline ms | XLA bytes / roofline bytes |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for batch in batches:
+        row = profile.get(str(batch))
+        if row is None:
+            continue
+        engine_ms = 1e3 * batch / RESULTS[f"plugin@{batch}"]["decode_tok_s"]
+        roof_tok_s = roofline_tok_s(config, weight_bytes, batch, context, bw)
+        roof_ms = 1e3 * batch / roof_tok_s
+        roof_bytes = roof_ms / 1e3 * bw
+        xla = row.get("bytes_accessed")
+        ratio = f"{xla / roof_bytes:.2f}" if xla else "-"
+        print(
+            f"| {batch} | {engine_ms:.2f} | {row['forward_sample_ms']:.2f} | "
+            f"{row['forward_ms']:.2f} | {row['dispatch_ms']:.2f} | {roof_ms:.2f} | {ratio} |"
+        )
 
 
 def print_kernel_table() -> None:
@@ -300,13 +401,25 @@ def print_kernel_table() -> None:
     print("|---|---|---|---|---|---|")
     for key, row in rows.items():
         name, context = key[5:].split("@")
+        if name in ("best", "stage"):
+            continue
         if "ms" not in row:
             print(f"| {name} | {context} | failed: {row.get('error', '?')[:120]} |")
             continue
+        err = row.get("rel_err")
         print(
             f"| {name} | {context} | {row['ms']:.3f} | {row['kv_bytes_s'] / 1e9:.0f} | "
-            f"{100 * row['fraction_of_copy_bw']:.0f}% | {row.get('rel_err', '-')} |"
+            f"{100 * row['fraction_of_copy_bw']:.0f}% | {'-' if err is None else f'{err:.1e}'} |"
         )
+    for key, row in rows.items():
+        name, context = key[5:].split("@")
+        if name == "best":
+            print(
+                f"best at {context}: {row['config']} ({100 * row['fraction_of_copy_bw']:.0f}% of "
+                f"copy bandwidth, {row['ms']:.3f} ms)"
+            )
+        elif name == "stage":
+            print(f"kernel stage at {context}: {row['seconds']:.0f} s (compiles included)")
 
 
 def main() -> None:
@@ -341,13 +454,20 @@ def main() -> None:
     weight_bytes = write_checkpoint(path, config)
     RESULTS.update(weight_bytes=weight_bytes, checkpoint_s=time.perf_counter() - start)
     save()
-    bench_plugin(path, batches, prompt_len, new_tokens, config.vocab_size)
+    # HF first: the plugin's start-up is the long stage, and a run cut short must still hold
+    # the same-run reference.
     if not args.skip_hf:
         bench_hf(path, batches, prompt_len, new_tokens, config.vocab_size)
+        gc.collect()
+        import torch
+
+        torch.cuda.empty_cache()
+    bench_plugin(path, batches, prompt_len, new_tokens, config.vocab_size)
 
     context = prompt_len + new_tokens / 2
     print(
-        f"\ncopy bandwidth {bw / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB; "
+        f"\ncopy bandwidth {bw / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB "
+        f"({weight_bytes_per_step(config, weight_bytes) / 1e9:.2f} GB read per step); "
         f"plugin start-up {RESULTS['plugin_startup_s']:.0f} s; prompts {prompt_len}, "
         f"{new_tokens} new tokens"
     )
@@ -359,6 +479,7 @@ def main() -> None:
         hf = RESULTS.get(f"hf@{batch}", {}).get("decode_tok_s")
         hf_cols = f"{hf:.1f} | {ours / hf:.2f}x" if hf else "- | -"
         print(f"| {batch} | {ours:.1f} | {100 * ours / roof:.0f}% | {hf_cols} |")
+    print_step_profile(config, weight_bytes, batches, context, bw)
     print_kernel_table()
     save()
 
