@@ -4,10 +4,17 @@ The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that J
 compilation events of the engine are seen here. The workload mixes prompt lengths, batch
 sizes, chunked prefill (prompts longer than the 32-token step budget), decode-only steps,
 greedy and sampled requests, top-k/top-p, seeds and logprobs; async scheduling is vLLM's
-default and on.
+default and on. A second start-up in a fresh process loads the precompiled programs from the
+executable cache (tpu_plugin/runner/executable_cache.py).
 """
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import pytest
@@ -16,6 +23,7 @@ from transformers import LlamaConfig
 from tests.conftest import SMALL, make_random_checkpoint, random_prompts
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+ROOT = str(Path(__file__).resolve().parents[2])  # the children import tests.conftest
 
 
 @pytest.fixture
@@ -72,3 +80,62 @@ def test_no_compilation_while_serving(tmp_path, monkeypatch, make_llm, compile_c
     during = len(compile_counter) - at_start
     print(f"start-up compiled {at_start} programs; serving compiled {during}")
     assert during == 0, f"{during} programs compiled while serving"
+
+
+def _cache_counts(worker) -> dict[str, int]:
+    cache = worker.model_runner._executable_cache
+    return {"hits": cache.hits, "misses": cache.misses, "stored": cache.stored}
+
+
+def start_up_child(model_dir: str) -> None:
+    """One start-up in this fresh process: the cache's counts and greedy tokens, as JSON."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        model=model_dir,
+        skip_tokenizer_init=True,
+        dtype="float32",
+        max_model_len=128,
+        max_num_seqs=4,
+        max_num_batched_tokens=32,
+        block_size=16,
+        kv_cache_memory_bytes=8 * 2**20,
+    )
+    counts = llm.collective_rpc(_cache_counts)[0]
+    prompts = random_prompts(512, lengths=(3, 17, 40), seed=5)
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)
+    print(json.dumps(counts | {"tokens": [list(o.outputs[0].token_ids) for o in outs]}))
+    llm.llm_engine.engine_core.shutdown()
+
+
+def test_second_start_up_loads_the_executable_cache(tmp_path):
+    model_dir = make_random_checkpoint(tmp_path / "llama", LlamaConfig(**SMALL))
+    env = dict(
+        os.environ,
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        TPU_PLUGIN_PRECOMPILE="1",
+        TPU_PLUGIN_COMPILE_CACHE=str(tmp_path / "cache"),
+        PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+    )
+    results = []
+    for _ in range(2):
+        proc = subprocess.run(
+            [sys.executable, __file__, str(model_dir)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        line = next(x for x in proc.stdout.splitlines() if x.startswith('{"hits"'))
+        results.append(json.loads(line))
+    first, second = results
+    print({k: v for k, v in first.items() if k != "tokens"}, second)
+    assert first["stored"] == first["misses"] > 0 and first["hits"] == 0
+    assert second == {**first, "hits": first["stored"], "misses": 0, "stored": 0}
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TPU_PLUGIN_DEVICE", "cpu")
+    start_up_child(sys.argv[1])

@@ -9,12 +9,16 @@ There is no floor above 1: padding a batch-1 decode to 16 tokens made every matm
 halved batch-1 throughput on CPU (measured, benchmarks/NOTES_cpu_offline.md).
 
 :func:`step_buckets` lists every bucket a configuration can produce, so start-up compiles them
-all (``TPU_PLUGIN_PRECOMPILE``) and serving compiles nothing; the persistent cache makes the
-next start-up load them from disk instead.
+all (``TPU_PLUGIN_PRECOMPILE``) and serving compiles nothing; the executable cache
+(executable_cache.py) makes the next start-up load them from disk without tracing them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -187,21 +191,69 @@ def step_key(step: Any) -> tuple[int, int, int, int]:
     )
 
 
+def compile_workers() -> int:
+    """Threads that run XLA compiles while the main thread traces the next program.
+
+    Half the cores, at most 8: one compile mostly uses one core, and the main thread's
+    tracing needs one too. A 2-core machine gets 1 (benchmarks/NOTES_startup.md).
+    """
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+# SamplingInputs' fields every step has; the rest are optional processors (None when unused).
+_PLAIN_SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "seeds", "draws")
+
+
+def sampler_key(logits: Any, inputs: Any, flags: dict[str, Any]) -> tuple | None:
+    """The precompiled sampler program for these inputs, None if a processor is in use.
+
+    Optional processors (penalties, bias, grammar, ...) add fields to ``SamplingInputs`` and
+    run through ``sampler.sample``'s jit instead, compiled on first use.
+    """
+    if any(value is not None for value in inputs[len(_PLAIN_SAMPLING_FIELDS) :]):
+        return None
+    return (
+        logits.shape,
+        inputs.temperature.shape[0],
+        flags["all_greedy"],
+        flags["use_top_k_top_p"],
+        flags["num_logprobs"],
+        flags["logprobs_mode"],
+    )
+
+
+def run_sampler(programs: dict, logits: Any, inputs: Any, flags: dict[str, Any]) -> Any:
+    """``sampler.sample(logits, inputs, **flags)`` through its precompiled program if any."""
+    from tpu_plugin.runner.sampler import sample
+
+    program = programs.get(sampler_key(logits, inputs, flags))
+    if program is not None:
+        return program(logits, inputs)
+    return sample(logits, inputs, **flags)
+
+
 def precompile(runner: Any) -> float:
     """Compiles the forward pass for every bucket and the sampler for every variant.
 
-    The forward is compiled ahead of time (``lower().compile()``: no step runs, the KV cache
-    is not donated) and kept in ``runner._compiled`` by shape, which ``execute_model`` calls
-    directly. The sampler is a ``jax.jit`` with static flags owned by sampler.py, so it is
-    warmed by running it once per (sequence bucket, variant) on the logits of a dummy step
-    whose KV writes are all dropped. Returns the seconds spent.
+    Both are compiled ahead of time (``lower().compile()``: nothing runs, the KV cache is not
+    donated) and kept by shape: forward programs in ``runner._compiled``, which
+    ``execute_model`` calls directly, sampler programs in ``runner._compiled_samplers``
+    (:func:`run_sampler`). Every program goes into the executable cache
+    (executable_cache.py), from which the next start-up loads it without tracing; XLA
+    compiles run in :func:`compile_workers` threads while the main thread traces the next
+    program. Returns the seconds spent.
     """
     import time
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import Future, ThreadPoolExecutor
 
     from tqdm import tqdm
 
     from tpu_plugin.runner.async_output import record_tokens
+    from tpu_plugin.runner.executable_cache import (
+        ExecutableCache,
+        describe,
+        jax_cache_bypassed,
+    )
     from tpu_plugin.runner.inputs import HostStep
     from tpu_plugin.runner.sampler import sample
 
@@ -220,9 +272,10 @@ def precompile(runner: Any) -> float:
     def make_step(bucket: StepBucket) -> Any:
         return dummy_step(bucket, runner.num_pages, runner.block_size, prev_tokens)
 
+    workers = compile_workers()
     logger.info(
         "precompiling %d forward buckets (tokens %d..%d, %d sequence buckets, page widths "
-        "%d..%d) and %d sampler variants x %d sequence buckets",
+        "%d..%d) and %d sampler variants x %d sequence buckets; %d compile thread(s)",
         len(buckets),
         buckets[0].tokens,
         buckets[-1].tokens,
@@ -231,43 +284,83 @@ def precompile(runner: Any) -> float:
         max(b.pages for b in buckets),
         len(variants),
         len(seq_buckets),
+        workers,
     )
     start = time.perf_counter()
+    cache = runner._executable_cache = ExecutableCache.for_runner(runner)
+    # Parameters and KV pages are the same for every bucket: described once.
+    shared = describe((runner.params, runner.kv_caches)) if cache is not None else ""
     total = len(buckets) + len(seq_buckets) * len(variants)
-    with tqdm(total=total, desc="precompiling", unit="program", mininterval=1.0) as bar:
-        # Tracing and lowering hold the GIL; XLA's compile (or cache load) does not, so it runs
-        # in a thread while the next bucket is traced.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            futures = {}
-            for bucket in buckets:
-                step = make_step(bucket)
-                lowered = lower_forward(runner._aot_forward, runner.params, runner.kv_caches, step)
-                futures[step_key(step)] = pool.submit(lowered.compile)
-                futures[step_key(step)].add_done_callback(lambda _: bar.update())
-            for key, future in futures.items():
-                runner._compiled[key] = future.result()
-        for seqs in seq_buckets:
-            bucket = next(b for b in buckets if b.seqs == seqs)
+    runner._compiled_samplers = {}
+    # Programs the executable cache stores must be real compiles (jax_cache_bypassed).
+    with (
+        jax_cache_bypassed() if cache is not None else contextlib.nullcontext(),
+        tqdm(total=total, desc="precompiling", unit="program", mininterval=1.0) as bar,
+        ThreadPoolExecutor(max_workers=workers) as pool,
+    ):
+
+        def compile_and_store(lowered: Any, key: str | None) -> Any:
+            compiled = lowered.compile()
+            if key is not None:
+                cache.store(key, compiled)
+            bar.update()
+            return compiled
+
+        def program(name: str, parts: tuple[str, ...], args: tuple, lower: Any) -> Future:
+            """Loads the program from the executable cache, else lowers it here (tracing
+            holds the GIL) and compiles it in a worker (XLA releases the GIL)."""
+            key = cache.key(name, *parts) if cache is not None else None
+            loaded = cache.load(key, args) if cache is not None else None
+            if loaded is None:
+                return pool.submit(compile_and_store, lower(*args), key)
+            bar.update()
+            future: Future = Future()
+            future.set_result(loaded)
+            return future
+
+        forwards = {}
+        for bucket in buckets:
             step = make_step(bucket)
-            runner.kv_caches, logits = runner._compiled[step_key(step)](
-                runner.params, runner.kv_caches, step
-            )
+            args = (runner.params, runner.kv_caches, step)
+            lower = functools.partial(lower_forward, runner._aot_forward)
+            forwards[step_key(step)] = program("forward", (shared, describe(step)), args, lower)
+        samplers, token_ids = {}, {}
+        for seqs in seq_buckets:
+            # A real forward's logits: the sampler programs are built for exactly its output.
+            step = make_step(next(b for b in buckets if b.seqs == seqs))
+            forward = forwards[step_key(step)].result()
+            runner.kv_caches, logits = forward(runner.params, runner.kv_caches, step)
             host = HostStep(
                 req_ids=[],
                 slots=np.zeros(0, np.int32),
                 completes_prompt=np.zeros(0, bool),
                 padded_num_seqs=seqs,
             )
-            inputs, _ = runner._sampling_inputs(host)
-            inputs = jax.device_put(inputs)
+            inputs = jax.device_put(runner._sampling_inputs(host)[0])
+            described = describe((logits, inputs)) if cache is not None else ""
             for flags in variants:
-                sampled = jax.block_until_ready(sample(logits, inputs, **flags))
-                bar.update()
-            if prev_tokens is not None:  # async: the sampled ids' copy into their slots
-                no_slots = jax.device_put(np.full(seqs, runner.max_num_seqs, np.int32))
-                # Twice: the first step's table is the start-up array, later ones its output.
-                recorded = record_tokens(prev_tokens, no_slots, sampled.token_ids)
-                record_tokens(recorded, no_slots, sampled.token_ids).block_until_ready()
+                lower = functools.partial(sample.lower, **flags)
+                parts = (described, json.dumps(flags, sort_keys=True))
+                key = sampler_key(logits, inputs, flags)
+                samplers[key] = program("sample", parts, (logits, inputs), lower)
+            if prev_tokens is not None:  # async: sampled ids to copy into their slots
+                token_ids[seqs] = samplers[key].result()(logits, inputs).token_ids
+        for shape, future in forwards.items():
+            runner._compiled[shape] = future.result()
+        for key, future in samplers.items():
+            runner._compiled_samplers[key] = future.result()
+    for seqs, ids in token_ids.items():  # tiny jitted programs, from JAX's cache
+        no_slots = jax.device_put(np.full(seqs, runner.max_num_seqs, np.int32))
+        # Twice: the first step's table is the start-up array, later ones its output.
+        recorded = record_tokens(prev_tokens, no_slots, ids)
+        record_tokens(recorded, no_slots, ids).block_until_ready()
+    if cache is not None:
+        logger.info(
+            "executable cache %s: %d programs loaded, %d compiled and stored",
+            cache.directory,
+            cache.hits,
+            cache.stored,
+        )
     seconds = time.perf_counter() - start
     logger.info(
         "precompiled %d programs (%d forward, %d sampler) in %.1f s",

@@ -24,7 +24,7 @@ from tpu_plugin.models.registry import select_implementation
 from tpu_plugin.parallel import plan_for
 from tpu_plugin.runner import kv_cache
 from tpu_plugin.runner.async_output import AsyncStepOutput, record_tokens, start_host_copy
-from tpu_plugin.runner.compile import enable_persistent_cache, step_key
+from tpu_plugin.runner.compile import enable_persistent_cache, run_sampler, step_key
 from tpu_plugin.runner.input_batch import InputBatch, RequestState
 from tpu_plugin.runner.inputs import (
     HostStep,
@@ -38,7 +38,7 @@ from tpu_plugin.runner.prompt_logprobs import (
     add_prompt_logit_rows,
     collect_prompt_logprobs,
 )
-from tpu_plugin.runner.sampler import GREEDY_EPS, SamplingInputs, sample, to_host
+from tpu_plugin.runner.sampler import GREEDY_EPS, SamplingInputs, to_host
 
 logger = init_logger(__name__)
 
@@ -94,6 +94,7 @@ class JaxModelRunner:
     # ---- start-up -------------------------------------------------------------------------
     def load_model(self) -> None:
         enable_persistent_cache()
+        self._compiled_samplers: dict[tuple, Any] = {}
         start = time.perf_counter()
         # Async scheduling (async_output.py): the last sampled token of every slot stays on
         # the device; the step whose host bookkeeping has not run yet, and its tokens' places.
@@ -297,7 +298,7 @@ class JaxModelRunner:
         params, flags = self._sampling_inputs(host)
         if grammar_output is not None:
             params = params._replace(bitmask=self._grammar_bitmask(host, grammar_output))
-        sampled = sample(logits, jax.device_put(params), **flags)
+        sampled = run_sampler(self._compiled_samplers, logits, jax.device_put(params), flags)
         prompt_logprobs = {}
         if self._prompt_rows is not None:
             prompt_logprobs = collect_prompt_logprobs(
