@@ -192,8 +192,28 @@ class TpuPluginPlatform(Platform):
             )
             vllm_config.scheduler_config.async_scheduling = False
 
-        if vllm_config.speculative_config is not None:
-            raise ValueError("tpu-plugin does not support speculative decoding yet; drop it")
+        speculative = vllm_config.speculative_config
+        if speculative is not None:  # tpu_plugin/runner/spec_decode.py
+            if speculative.method != "ngram" or speculative.rejection_sample_method != "standard":
+                raise ValueError(
+                    "tpu-plugin supports speculative decoding with the n-gram proposer only "
+                    f"(got method {speculative.method!r}, rejection_sample_method "
+                    f"{speculative.rejection_sample_method!r}); use --speculative-config "
+                    '\'{"method": "ngram", "num_speculative_tokens": 4}\' or drop it'
+                )
+            import importlib.util
+
+            if importlib.util.find_spec("numba") is None:
+                raise ValueError(
+                    "vLLM's n-gram proposer needs numba, which is not installed; "
+                    "pip install numba==0.68.1"
+                )
+            if vllm_config.scheduler_config.async_scheduling:
+                logger.info(
+                    "tpu-plugin: n-gram speculative decoding schedules synchronously "
+                    "(drafts are proposed from the host copy of each step's tokens)"
+                )
+                vllm_config.scheduler_config.async_scheduling = False
         if vllm_config.lora_config is not None:
             raise ValueError("tpu-plugin does not support LoRA yet; drop --enable-lora")
 

@@ -15,7 +15,7 @@ from vllm.config import VllmConfig
 from vllm.logger import init_logger
 from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
 from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheSpec
-from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.outputs import DraftTokenIds, ModelRunnerOutput
 from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 
 from tpu_plugin import envs
@@ -172,8 +172,9 @@ class TpuPluginWorker(WorkerBase):
         up; here every DP rank has its own mesh (experts split inside it), so there is none."""
         return None
 
-    def take_draft_token_ids(self) -> None:
-        return None
+    def take_draft_token_ids(self) -> DraftTokenIds | None:
+        """The n-gram drafts of the last step (speculative decoding), else None."""
+        return self.model_runner.take_draft_token_ids() if self.model_runner else None
 
     def get_supported_tasks(self) -> tuple[str, ...]:
         return ("generate",)

@@ -17,7 +17,12 @@ from vllm.config import VllmConfig
 from vllm.logger import init_logger
 from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
 from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheSpec
-from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsLists, ModelRunnerOutput
+from vllm.v1.outputs import (
+    EMPTY_MODEL_RUNNER_OUTPUT,
+    DraftTokenIds,
+    LogprobsLists,
+    ModelRunnerOutput,
+)
 
 from tpu_plugin.models.loader import load_model, resolve_model_dir
 from tpu_plugin.models.registry import select_implementation
@@ -39,6 +44,7 @@ from tpu_plugin.runner.prompt_logprobs import (
     collect_prompt_logprobs,
 )
 from tpu_plugin.runner.sampler import GREEDY_EPS, SamplingInputs, to_host
+from tpu_plugin.runner.spec_decode import SpecDecoder, SpecPlan
 
 logger = init_logger(__name__)
 
@@ -85,6 +91,9 @@ class JaxModelRunner:
             vocab_size=self.model_config.get_vocab_size(),
         )
         self._prompt_rows: PromptLogprobRows | None = None
+        # Speculative decoding (spec_decode.py): n-gram drafts verified in the step's forward.
+        self._spec = SpecDecoder(vllm_config) if vllm_config.speculative_config else None
+        self._spec_plan: SpecPlan | None = None
         self.kv_caches: list[kv_cache.KVCache] = []
         self.num_pages = 0
         self._pending: tuple[jax.Array, HostStep] | None = None
@@ -94,6 +103,7 @@ class JaxModelRunner:
     # ---- start-up -------------------------------------------------------------------------
     def load_model(self) -> None:
         enable_persistent_cache()
+        # Sampler programs by shape and flags (compile.precompile, compile.run_sampler).
         self._compiled_samplers: dict[tuple, Any] = {}
         start = time.perf_counter()
         # Async scheduling (async_output.py): the last sampled token of every slot stays on
@@ -219,6 +229,8 @@ class JaxModelRunner:
         if so.total_num_scheduled_tokens == 0:
             return EMPTY_MODEL_RUNNER_OUTPUT
         req_ids = list(so.num_scheduled_tokens)
+        if self._spec is not None:
+            self._spec.write_drafts(self.batch, so)
         step, host = prepare_inputs(
             self.batch,
             req_ids,
@@ -239,6 +251,8 @@ class JaxModelRunner:
         step, self._prompt_rows = add_prompt_logit_rows(
             step, host, self.batch, so.num_scheduled_tokens
         )
+        if self._spec is not None:  # draft positions' logits rows (after the prompt ones)
+            step, self._spec_plan = self._spec.add_rows(step, host, so)
         forward = self._compiled.get(step_key(step), self._forward)
         self.kv_caches, logits = forward(self.params, self.kv_caches, step)
         self._pending = (logits, host)
@@ -283,7 +297,10 @@ class JaxModelRunner:
             (row_of.get(r, -1) for r in grammar.structured_output_request_ids), np.int64
         )
         bitmask = np.full((host.padded_num_seqs, grammar.grammar_bitmask.shape[1]), -1, np.int32)
-        bitmask[rows[rows >= 0]] = grammar.grammar_bitmask[: len(rows)][rows >= 0]
+        source = np.arange(len(rows))
+        if self._spec_plan is not None:  # with drafts: 1 + drafts rows per request
+            source = self._spec_plan.grammar_rows(grammar.structured_output_request_ids)
+        bitmask[rows[rows >= 0]] = grammar.grammar_bitmask[source][rows >= 0]
         return bitmask
 
     def sample_tokens(
@@ -299,6 +316,11 @@ class JaxModelRunner:
         if grammar_output is not None:
             params = params._replace(bitmask=self._grammar_bitmask(host, grammar_output))
         sampled = run_sampler(self._compiled_samplers, logits, jax.device_put(params), flags)
+        plan, self._spec_plan = self._spec_plan, None
+        spec_tokens = None
+        if plan is not None and plan.num_rows:
+            spec_tokens = self._spec.verify(logits, sampled.token_ids, plan, params, flags)
+            logits = logits[: logits.shape[0] - plan.num_rows]  # the prompt rows end here
         prompt_logprobs = {}
         if self._prompt_rows is not None:
             prompt_logprobs = collect_prompt_logprobs(
@@ -312,7 +334,10 @@ class JaxModelRunner:
             self._prompt_rows = None
         if self.async_scheduling:
             return self._async_output(sampled, host, prompt_logprobs)
-        return self._step_output(to_host(sampled, len(host.req_ids)), host, prompt_logprobs)
+        out = to_host(sampled, len(host.req_ids))
+        if spec_tokens is not None:  # every request's accepted drafts + one token
+            out["spec_tokens"] = self._spec.tokens_to_host(spec_tokens, len(host.req_ids))
+        return self._step_output(out, host, prompt_logprobs)
 
     def _async_output(self, sampled: Any, host: HostStep, prompt_logprobs: dict) -> AsyncStepOutput:
         """Keeps the sampled ids on the device for the next step; the host copy runs later."""
@@ -345,13 +370,18 @@ class JaxModelRunner:
             if not host.completes_prompt[i]:
                 sampled_token_ids.append([])  # a prefill chunk that is not the last
                 continue
-            token = int(out["token_ids"][i])
+            tokens = [int(out["token_ids"][i])]
+            if "spec_tokens" in out:
+                tokens = out["spec_tokens"][i]
             state = self.requests.get(req_id)  # async: it may have finished meanwhile
             if state is not None:
-                state.output_token_ids.append(token)
+                state.output_token_ids.extend(tokens)
             if self.batch.req_id_to_slot.get(req_id) == int(host.slots[i]):
-                self.batch.append_token(int(host.slots[i]), token)
-            sampled_token_ids.append([token])
+                for token in tokens:
+                    self.batch.append_token(int(host.slots[i]), token)
+            sampled_token_ids.append(tokens)
+        if self._spec is not None:  # the next step's drafts, from the tokens just appended
+            self._spec.propose(self.batch, host, sampled_token_ids)
 
         logprobs = None
         if out["topk_ids"] is not None:
@@ -371,3 +401,7 @@ class JaxModelRunner:
             logprobs=logprobs,
             prompt_logprobs_dict=prompt_logprobs,
         )
+
+    def take_draft_token_ids(self) -> DraftTokenIds | None:
+        """The n-gram drafts proposed after the last step (vLLM's engine asks once a step)."""
+        return self._spec.take_draft_token_ids() if self._spec is not None else None
