@@ -13,6 +13,10 @@ source, so an edit between the two start-ups (a shared working tree) would make 
 one compile everything again.
 
     python benchmarks/bench_startup.py [--max-model-len 512 --max-num-seqs 8 --tokens 256]
+
+On the GPU (``TPU_PLUGIN_DEVICE=gpu``), e.g. with gpu_suite.py's 8B checkpoint: ``--model
+/tmp/llama-3-8b-random --dtype bfloat16 --max-model-len 784 --max-num-seqs 128 --tokens 8192
+--kv-mib 8192``.
 """
 
 from __future__ import annotations
@@ -64,16 +68,20 @@ def child(args: argparse.Namespace) -> None:
     from vllm import LLM, SamplingParams
 
     imported = time.perf_counter()
+    # A random-weight checkpoint (gpu_suite.py's) has no tokenizer: token prompts then.
+    has_tokenizer = os.path.exists(os.path.join(args.model, "tokenizer_config.json"))
     llm = LLM(
+        skip_tokenizer_init=not has_tokenizer,
         model=args.model,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.tokens,
-        kv_cache_memory_bytes=256 * 2**20,
-        dtype="float32",
+        kv_cache_memory_bytes=args.kv_mib * 2**20,
+        dtype=args.dtype,
     )
     ready = time.perf_counter()
-    out = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=8))
+    prompt = "The capital of France is" if has_tokenizer else {"prompt_token_ids": [1, 2, 3, 4]}
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8))
     first = time.perf_counter()
     import tpu_plugin
     from tpu_plugin.runner.compile import step_buckets
@@ -88,7 +96,7 @@ def child(args: argparse.Namespace) -> None:
                 "forward_buckets": len(
                     step_buckets(args.tokens, args.max_num_seqs, args.max_model_len, 16)
                 ),
-                "text": out[0].outputs[0].text,
+                "text": out[0].outputs[0].text if has_tokenizer else out[0].outputs[0].token_ids,
                 "jax_s": {k: round(v, 1) for k, v in sorted(events.items())},
                 "plugin": os.path.dirname(tpu_plugin.__file__),
             }
@@ -106,6 +114,8 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=256, help="--max-num-batched-tokens")
     parser.add_argument("--cache-dir", default=None, help="default: a fresh temporary dir")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--kv-mib", type=int, default=256, help="KV cache size in MiB")
     parser.add_argument("--no-snapshot", action="store_true", help="import the working tree")
     args = parser.parse_args()
     if args.child:
