@@ -26,6 +26,18 @@ COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 ROOT = str(Path(__file__).resolve().parents[2])  # the children import tests.conftest
 
 
+# Small engine: 32-token steps over 128-token sequences, so a few prompts cover every bucket.
+ENGINE_ARGS = dict(
+    skip_tokenizer_init=True,
+    dtype="float32",
+    max_model_len=128,
+    max_num_seqs=4,
+    max_num_batched_tokens=32,
+    block_size=16,
+    kv_cache_memory_bytes=8 * 2**20,
+)
+
+
 @pytest.fixture
 def compile_counter():
     """Counts XLA backend compilations (persistent-cache hits included) from now on."""
@@ -48,16 +60,7 @@ def test_no_compilation_while_serving(tmp_path, monkeypatch, make_llm, compile_c
     monkeypatch.setenv("TPU_PLUGIN_PRECOMPILE", "1")
     monkeypatch.setenv("TPU_PLUGIN_COMPILE_CACHE", str(tmp_path / "cache"))
     model_dir = make_random_checkpoint(tmp_path / "llama", LlamaConfig(**SMALL))
-    llm = make_llm(
-        model_dir,
-        skip_tokenizer_init=True,
-        dtype="float32",
-        max_model_len=128,
-        max_num_seqs=4,
-        max_num_batched_tokens=32,
-        block_size=16,
-        kv_cache_memory_bytes=8 * 2**20,
-    )
+    llm = make_llm(model_dir, **ENGINE_ARGS)
     assert llm.llm_engine.vllm_config.scheduler_config.async_scheduling
     at_start = len(compile_counter)
     print("=== serving starts ===", flush=True)
@@ -91,16 +94,7 @@ def start_up_child(model_dir: str) -> None:
     """One start-up in this fresh process: the cache's counts and greedy tokens, as JSON."""
     from vllm import LLM, SamplingParams
 
-    llm = LLM(
-        model=model_dir,
-        skip_tokenizer_init=True,
-        dtype="float32",
-        max_model_len=128,
-        max_num_seqs=4,
-        max_num_batched_tokens=32,
-        block_size=16,
-        kv_cache_memory_bytes=8 * 2**20,
-    )
+    llm = LLM(model=model_dir, **ENGINE_ARGS)
     counts = llm.collective_rpc(_cache_counts)[0]
     prompts = random_prompts(512, lengths=(3, 17, 40), seed=5)
     greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
