@@ -19,6 +19,7 @@ import contextlib
 import functools
 import json
 import os
+import threading
 from typing import Any, NamedTuple
 
 import jax
@@ -306,17 +307,30 @@ def precompile(runner: Any) -> float:
             bar.update()
             return compiled
 
-        def program(name: str, parts: tuple[str, ...], args: tuple, lower: Any) -> Future:
-            """Loads the program from the executable cache, else lowers it here (tracing
-            holds the GIL) and compiles it in a worker (XLA releases the GIL)."""
-            key = cache.key(name, *parts) if cache is not None else None
-            loaded = cache.load(key, args) if cache is not None else None
-            if loaded is None:
-                return pool.submit(compile_and_store, lower(*args), key)
+        # One program traces at a time: the main thread, or a worker whose entry failed to load.
+        tracing = threading.Lock()
+
+        def lower_locked(lower: Any, args: tuple) -> Any:
+            with tracing:
+                return lower(*args)
+
+        def load_or_compile(key: str, args: tuple, lower: Any) -> Any:
+            loaded = cache.load(key, args)
+            if loaded is None:  # unreadable entry (logged): compile it after all
+                return compile_and_store(lower_locked(lower, args), key)
             bar.update()
-            future: Future = Future()
-            future.set_result(loaded)
-            return future
+            return loaded
+
+        def program(name: str, parts: tuple[str, ...], args: tuple, lower: Any) -> Future:
+            """Loads the program from the executable cache in a worker (entries load in
+            parallel), else lowers it here and compiles it in a worker (XLA releases the
+            GIL while the main thread traces the next program)."""
+            key = cache.key(name, *parts) if cache is not None else None
+            if key is not None and cache.contains(key):
+                return pool.submit(load_or_compile, key, args, lower)
+            if cache is not None:
+                cache.load(key, args)  # counts the miss
+            return pool.submit(compile_and_store, lower_locked(lower, args), key)
 
         forwards = {}
         for bucket in buckets:

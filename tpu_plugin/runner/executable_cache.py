@@ -33,6 +33,7 @@ import json
 import os
 import pickle
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,16 @@ class ExecutableCache:
         self.hits = 0
         self.misses = 0
         self.stored = 0
+        # precompile() loads and stores from several threads; the counts stay exact.
+        self._count_lock = threading.Lock()
+
+    def _count(self, counter: str) -> None:
+        with self._count_lock:
+            setattr(self, counter, getattr(self, counter) + 1)
+
+    def contains(self, key: str) -> bool:
+        """Whether an entry for ``key`` exists (it may still fail to load)."""
+        return self._path(key).exists()
 
     @classmethod
     def for_runner(cls, runner: Any) -> ExecutableCache | None:
@@ -196,7 +207,7 @@ class ExecutableCache:
         """The program stored under ``key``, loaded for ``args``' tree, or None."""
         path = self._path(key)
         if not path.exists():
-            self.misses += 1
+            self._count("misses")
             return None
         try:
             with open(path, "rb") as f:
@@ -213,9 +224,9 @@ class ExecutableCache:
         except Exception as exc:  # any unreadable entry is recompiled
             logger.warning("executable cache: %s does not load (%s); recompiling", path, exc)
             path.unlink(missing_ok=True)
-            self.misses += 1
+            self._count("misses")
             return None
-        self.hits += 1
+        self._count("hits")
         return compiled
 
     def store(self, key: str, compiled: jax.stages.Compiled) -> bool:
@@ -241,5 +252,5 @@ class ExecutableCache:
         except Exception as exc:  # the program still runs, uncached
             logger.warning("executable cache: cannot store a program (%s)", exc)
             return False
-        self.stored += 1
+        self._count("stored")
         return True
