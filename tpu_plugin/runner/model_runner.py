@@ -315,7 +315,8 @@ class JaxModelRunner:
         params, flags = self._sampling_inputs(host)
         if grammar_output is not None:
             params = params._replace(bitmask=self._grammar_bitmask(host, grammar_output))
-        sampled = run_sampler(self._compiled_samplers, logits, jax.device_put(params), flags)
+        params = jax.device_put(params)
+        sampled = run_sampler(self._compiled_samplers, logits, params, flags)
         plan, self._spec_plan = self._spec_plan, None
         spec_tokens = None
         if plan is not None and plan.num_rows:

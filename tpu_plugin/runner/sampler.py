@@ -82,6 +82,30 @@ def process_logits(logits: jax.Array, p: SamplingInputs) -> jax.Array:
     return logits
 
 
+def sampling_distribution(
+    logits: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    *,
+    use_top_k_top_p: bool,
+    min_p: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """``(is_greedy, scaled)``: the logits a random row draws from, in vLLM's order
+    (temperature, min-p, top-k/top-p); greedy rows keep temperature 1 and are flagged.
+
+    Shared by :func:`sample` and speculative verification (spec_decode.py), which must judge
+    a draft against exactly the distribution the sampler would draw from.
+    """
+    is_greedy = temperature < GREEDY_EPS
+    scaled = logits / jnp.where(is_greedy, 1.0, temperature)[:, None]
+    if min_p is not None:
+        scaled = lp.apply_min_p(scaled, min_p)
+    if use_top_k_top_p:
+        scaled = lp.mask_top_k_top_p(scaled, top_k, top_p)
+    return is_greedy, scaled
+
+
 @partial(
     jax.jit, static_argnames=("all_greedy", "use_top_k_top_p", "num_logprobs", "logprobs_mode")
 )
@@ -104,13 +128,14 @@ def sample(
     if all_greedy:
         tokens, final = greedy_tokens, logits
     else:
-        is_greedy = params.temperature < GREEDY_EPS
-        temperature = jnp.where(is_greedy, 1.0, params.temperature)
-        scaled = logits / temperature[:, None]
-        if params.min_p is not None:
-            scaled = lp.apply_min_p(scaled, params.min_p)
-        if use_top_k_top_p:
-            scaled = lp.mask_top_k_top_p(scaled, params.top_k, params.top_p)
+        is_greedy, scaled = sampling_distribution(
+            logits,
+            params.temperature,
+            params.top_k,
+            params.top_p,
+            use_top_k_top_p=use_top_k_top_p,
+            min_p=params.min_p,
+        )
 
         def draw(seed: jax.Array, index: jax.Array, row: jax.Array) -> jax.Array:
             key = jax.random.fold_in(jax.random.key(seed), index)

@@ -43,10 +43,9 @@ from vllm.logger import init_logger
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.outputs import DraftTokenIds
 
-from tpu_plugin.runner import logits_processing as lp
 from tpu_plugin.runner.input_batch import InputBatch
 from tpu_plugin.runner.inputs import HostStep, StepInputs
-from tpu_plugin.runner.sampler import GREEDY_EPS, SamplingInputs
+from tpu_plugin.runner.sampler import SamplingInputs, sampling_distribution
 
 logger = init_logger(__name__)
 
@@ -135,11 +134,13 @@ def verify_drafts(
     if all_greedy:
         accept_row, target_row = argmax == row_draft, argmax
     else:
-        row_temperature = temperature[packed.row_req]
-        is_greedy = row_temperature < GREEDY_EPS
-        scaled = logits / jnp.where(is_greedy, 1.0, row_temperature)[:, None]
-        if use_top_k_top_p:
-            scaled = lp.mask_top_k_top_p(scaled, top_k[packed.row_req], top_p[packed.row_req])
+        is_greedy, scaled = sampling_distribution(
+            logits,
+            temperature[packed.row_req],
+            top_k[packed.row_req],
+            top_p[packed.row_req],
+            use_top_k_top_p=use_top_k_top_p,
+        )
         probs = jax.nn.softmax(scaled, axis=-1)
         safe = jnp.maximum(row_draft, 0)
         p_draft = jnp.take_along_axis(probs, safe[:, None], axis=-1)[:, 0]
@@ -275,16 +276,21 @@ class SpecDecoder:
         params: SamplingInputs,
         flags: dict[str, Any],
     ) -> jax.Array:
-        """The step's output tokens ``[S, K + 1]`` (-1 padded), still on the device."""
+        """The step's output tokens ``[S, K + 1]`` (-1 padded), still on the device.
+
+        ``params``: the step's sampling inputs, already on the device (the sampler's).
+        """
         return verify_drafts(
             logits[logits.shape[0] - plan.num_rows :],
             jax.device_put(plan.drafts),
             jax.device_put(plan.num_drafts),
             jax.device_put(plan.packed),
             bonus,
-            *jax.device_put(
-                (params.temperature, params.top_k, params.top_p, params.seeds, params.draws)
-            ),
+            params.temperature,
+            params.top_k,
+            params.top_p,
+            params.seeds,
+            params.draws,
             all_greedy=flags["all_greedy"],
             use_top_k_top_p=flags["use_top_k_top_p"],
         )
