@@ -152,9 +152,6 @@ class ShardingPlan:
             x = jax.lax.with_sharding_constraint(x, self.named(spec))
         return jax.lax.with_sharding_constraint(x, self.replicated)
 
-    def constrain_replicated(self, x: Any) -> Any:
-        return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, self.replicated), x)
-
     def put_inputs(self, tree: Any) -> Any:
         """Step inputs onto the mesh. One process: as they are (jit places them); several:
         as global replicated arrays (every process holds the same host values)."""
