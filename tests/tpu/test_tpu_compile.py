@@ -13,9 +13,20 @@ import json
 from pathlib import Path
 
 import pytest
-from transformers import DeepseekV3Config, LlamaConfig, Qwen3MoeConfig
+from transformers import (
+    DeepseekV3Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+    Qwen3MoeConfig,
+)
 
 from tests.conftest import SMALL
+from tpu_plugin.models.registry import supported_architectures
 from tpu_plugin.tools import plan as planner
 from tpu_plugin.tools import tpu_aot, tpu_specs
 
@@ -26,19 +37,23 @@ ENGINE = dict(max_model_len=128, max_num_seqs=2, max_num_batched_tokens=8)
 # row narrower than the 128 lanes is padded in HBM and its in-place update becomes a copy of
 # the whole cache (the compiler's memory analysis shows it), which the real models do not do;
 # DeepSeek-V3's own 576-wide latent does (README, "Will it fit?").
+WIDE = {**SMALL, "hidden_size": 512}  # 4 heads of 128
 CONFIGS = {
-    "llama": lambda: LlamaConfig(
-        **{**SMALL, "hidden_size": 512}, architectures=["LlamaForCausalLM"]
-    ),
-    "qwen3_moe": lambda: Qwen3MoeConfig(
+    "LlamaForCausalLM": lambda: LlamaConfig(**WIDE),
+    "Qwen2ForCausalLM": lambda: Qwen2Config(**WIDE),
+    "Qwen3ForCausalLM": lambda: Qwen3Config(**SMALL, head_dim=128),
+    "Gemma3ForCausalLM": lambda: Gemma3TextConfig(**SMALL, head_dim=128, sliding_window=64),
+    "MistralForCausalLM": lambda: MistralConfig(**WIDE, sliding_window=64),
+    "Phi3ForCausalLM": lambda: Phi3Config(**WIDE, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "MixtralForCausalLM": lambda: MixtralConfig(**WIDE, num_local_experts=4),
+    "Qwen3MoeForCausalLM": lambda: Qwen3MoeConfig(
         **{**SMALL, "num_attention_heads": 8, "num_key_value_heads": 4},
         head_dim=128,
         moe_intermediate_size=32,
         num_experts=8,
         num_experts_per_tok=2,
-        architectures=["Qwen3MoeForCausalLM"],
     ),
-    "deepseek_v3": lambda: DeepseekV3Config(
+    "DeepseekV3ForCausalLM": lambda: DeepseekV3Config(
         vocab_size=512,
         hidden_size=64,
         intermediate_size=128,
@@ -58,15 +73,38 @@ CONFIGS = {
         qk_nope_head_dim=32,
         v_head_dim=32,
         max_position_embeddings=512,
-        architectures=["DeepseekV3ForCausalLM"],
     ),
 }
+# Pallas TPU kernels per forward: ragged paged attention per layer (2 layers), plus the two
+# fused-MoE kernels per MoE layer; DeepSeek-V3's MLA attention is plain XLA (3 layers, the
+# first dense).
+MOSAIC_PER_FORWARD = {arch: 2 for arch in CONFIGS} | {
+    "MixtralForCausalLM": 6,
+    "Qwen3MoeForCausalLM": 6,
+    "DeepseekV3ForCausalLM": 4,
+}
+# The default tier: one dense, one MoE, one MLA family; every architecture runs in CI's
+# tpu-compile checks (.buildkite/models.yaml) and with -m slow.
+DEFAULT_TIER = ("LlamaForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM")
 
 
-def config_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+def architectures() -> list:
+    return [
+        arch if arch in DEFAULT_TIER else pytest.param(arch, marks=pytest.mark.slow)
+        for arch in supported_architectures()
+    ]
+
+
+def test_every_registered_architecture_has_a_config():
+    assert sorted(CONFIGS) == supported_architectures()
+
+
+def config_dir(tmp_path_factory: pytest.TempPathFactory, arch: str) -> Path:
     """A directory holding only the model's config.json: the planner needs no weights."""
-    out = tmp_path_factory.mktemp(f"tpu-{name}")
-    (out / "config.json").write_text(json.dumps(CONFIGS[name]().to_dict()))
+    out = tmp_path_factory.mktemp(f"tpu-{arch}")
+    config = CONFIGS[arch]()
+    config.architectures = [arch]
+    (out / "config.json").write_text(json.dumps(config.to_dict()))
     return out
 
 
@@ -85,19 +123,12 @@ def check_all_compiled(result: planner.PlanResult, mosaic_per_forward: int) -> N
 
 
 @pytest.mark.parametrize("topology", ["v5e:1x1", "v6e:1x1"])
-@pytest.mark.parametrize(
-    "name, mosaic_per_forward",
-    [
-        ("llama", 2),  # ragged paged attention in each of 2 layers
-        ("qwen3_moe", 6),  # attention + 2 fused-MoE kernels in each of 2 layers
-        ("deepseek_v3", 4),  # MLA is plain XLA; 2 fused-MoE kernels in each of 2 MoE layers
-    ],
-)
-def test_every_precompiled_program_compiles(tmp_path_factory, name, mosaic_per_forward, topology):
-    model = config_dir(tmp_path_factory, name)
+@pytest.mark.parametrize("arch", architectures())
+def test_every_precompiled_program_compiles(tmp_path_factory, arch, topology):
+    model = config_dir(tmp_path_factory, arch)
     options = tpu_aot.EngineOptions(model=str(model), **ENGINE)
     result = planner.plan(options, topology)
-    check_all_compiled(result, mosaic_per_forward)
+    check_all_compiled(result, MOSAIC_PER_FORWARD[arch])
     # One chip of the generation, with its documented HBM; the KV pages take the rest.
     assert result.devices == 1
     assert result.spec.chip.name == topology.split(":")[0]
@@ -110,7 +141,7 @@ def test_every_precompiled_program_compiles(tmp_path_factory, name, mosaic_per_f
 def test_tensor_and_expert_parallel_on_v6e_2x2(tmp_path_factory):
     """TP = 4 with expert parallelism: attention and the fused-MoE kernel run per device
     (shard_map), each device holds a quarter of the weights and 2 of the 8 experts."""
-    model = config_dir(tmp_path_factory, "qwen3_moe")
+    model = config_dir(tmp_path_factory, "Qwen3MoeForCausalLM")
     single = planner.plan(tpu_aot.EngineOptions(model=str(model), **ENGINE), "v6e:1x1",
                           subset="estimate")  # fmt: skip
     options = tpu_aot.EngineOptions(
@@ -127,7 +158,7 @@ def test_tensor_and_expert_parallel_on_v6e_2x2(tmp_path_factory):
 
 
 def test_too_many_devices_names_the_numbers(tmp_path_factory):
-    model = config_dir(tmp_path_factory, "llama")
+    model = config_dir(tmp_path_factory, "LlamaForCausalLM")
     options = tpu_aot.EngineOptions(model=str(model), tensor_parallel_size=2, **ENGINE)
     with pytest.raises(ValueError, match="needs 2 devices; v6e:1x1 has 1"):
         planner.plan(options, "v6e:1x1")
@@ -178,11 +209,11 @@ def test_documented_figures_agree_with_jax_table():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("topology", ["v5p:2x2x1", "TPU7x:1x1x1"])
-@pytest.mark.parametrize("name, mosaic_per_forward", [("llama", 2), ("qwen3_moe", 6)])
-def test_v5p_and_tpu7x(tmp_path_factory, name, mosaic_per_forward, topology):
-    model = config_dir(tmp_path_factory, name)
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen3MoeForCausalLM"])
+def test_v5p_and_tpu7x(tmp_path_factory, arch, topology):
+    model = config_dir(tmp_path_factory, arch)
     result = planner.plan(tpu_aot.EngineOptions(model=str(model), **ENGINE), topology)
-    check_all_compiled(result, mosaic_per_forward)
+    check_all_compiled(result, MOSAIC_PER_FORWARD[arch])
 
 
 TUNING_TOPOLOGY = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}

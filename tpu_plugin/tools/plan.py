@@ -17,10 +17,10 @@ the TPU compiler in libtpu (Pallas kernels in Mosaic). The report:
   temporaries, against the chip's capacity; how many KV tokens that is;
 - decode step time and tokens/s at batch 1 / 32 / 128: a roofline of the compiled decode
   programs (forward at the context's page width, then the sampler): the larger of
-  bytes accessed / HBM bandwidth and FLOPs / peak bf16 FLOP/s, from XLA's cost analysis. XLA
-  counts the in-place update of the KV pages as a read and a write of every page; that is
-  taken out (the attention kernel's own cost estimate adds the pages it reads). Collectives
-  and kernel inefficiency are not in it: a ceiling, not a measurement.
+  bytes accessed / HBM bandwidth and FLOPs / peak bf16 FLOP/s, from XLA's cost analysis (the
+  attention kernel's own cost estimate adds the pages it reads; a copy of the pages that XLA
+  makes shows up as bytes moved). Collectives and kernel inefficiency are not in it: a
+  ceiling, not a measurement.
 
 Chip figures and their sources: :mod:`tpu_plugin.tools.tpu_specs`.
 """
@@ -51,6 +51,7 @@ class Estimate:
     seconds: float
     bound: str  # "HBM" or "compute"
     kv_fits: bool
+    bytes_moved: float = 0.0  # per device, forward and sampler
 
     @property
     def tokens_per_s(self) -> float:
@@ -134,10 +135,7 @@ def _wanted(
 
 def _roofline(compiled: Any, spec: Any, kv_bytes: int) -> tuple[float, str]:
     """Seconds of one program on one device: bytes over bandwidth or FLOPs over peak."""
-    moved = compiled.bytes_accessed
-    if compiled.program.kind == "forward":
-        moved = max(0.0, moved - 2 * kv_bytes)  # the in-place page update (module doc)
-    memory = moved / spec.hbm_bytes_per_s
+    memory = compiled.bytes_accessed / spec.hbm_bytes_per_s
     compute = compiled.flops / spec.bf16_flops_per_s
     return max(memory, compute), "HBM" if memory >= compute else "compute"
 
@@ -164,9 +162,11 @@ def estimates(result_compiled: list[Any], runner: Any, spec: Any, kv_bytes: int,
         if forward is None:
             continue
         seconds, bound = _roofline(forward, spec, kv_bytes)
+        moved = forward.bytes_accessed
         if sampler is not None:
             seconds += _roofline(sampler, spec, kv_bytes)[0]
-        out.append(Estimate(batch, seconds, bound, batch * context <= kv_tokens))
+            moved += sampler.bytes_accessed
+        out.append(Estimate(batch, seconds, bound, batch * context <= kv_tokens, moved))
     return out
 
 
@@ -337,13 +337,13 @@ def format_report(result: PlanResult, *, programs: bool = True) -> str:
             "",
             "| batch | step ms | tokens/s"
             + (" per engine" if engines > 1 else "")
-            + " | bound | KV holds the batch |",
-            "|---|---|---|---|---|",
+            + " | GB moved per device | bound | KV holds the batch |",
+            "|---|---|---|---|---|---|",
         ]
         for e in result.estimates:
             lines.append(
-                f"| {e.batch} | {e.seconds * 1e3:.2f} | {e.tokens_per_s:,.0f} | {e.bound} | "
-                f"{'yes' if e.kv_fits else 'no'} |"
+                f"| {e.batch} | {e.seconds * 1e3:.2f} | {e.tokens_per_s:,.0f} | "
+                f"{e.bytes_moved / 1e9:.1f} | {e.bound} | {'yes' if e.kv_fits else 'no'} |"
             )
     return "\n".join(lines) + "\n"
 
