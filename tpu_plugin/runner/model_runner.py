@@ -31,7 +31,14 @@ from tpu_plugin.parallel import ShardingPlan, plan_for
 from tpu_plugin.parallel.shard_kernels import sharded_step
 from tpu_plugin.runner import kv_cache
 from tpu_plugin.runner.async_output import AsyncStepOutput, record_tokens, start_host_copy
-from tpu_plugin.runner.compile import enable_persistent_cache, run_sampler, step_key
+from tpu_plugin.runner.compile import (
+    LazyCompiles,
+    enable_persistent_cache,
+    logprobs_width,
+    run_sampler,
+    runtime_sampler_flags,
+    step_key,
+)
 from tpu_plugin.runner.input_batch import InputBatch, RequestState
 from tpu_plugin.runner.inputs import (
     HostStep,
@@ -120,6 +127,7 @@ class JaxModelRunner:
         self.num_pages = 0
         self._pending: tuple[jax.Array, HostStep] | None = None
         self._host_rng = np.random.default_rng(self.model_config.seed)
+        self._lazy = LazyCompiles()  # programs compiled while serving (logged once each)
         self.model: nnx.Module | None = None
         # Page-table widths are bucketed only where attention's work grows with the width
         # (MLA's latent attention, layers/mla.py, always does).
@@ -272,7 +280,11 @@ class JaxModelRunner:
         )
         if self._spec is not None:  # draft positions' logits rows (after the prompt ones)
             step, self._spec_plan = self._spec.add_rows(step, host, so)
-        forward = self._compiled.get(step_key(step), self._forward)
+        forward = self._compiled.get(step_key(step))
+        if forward is None:
+            if self._compiled:  # precompiled, but not this shape (prompt or draft rows)
+                self._lazy.note("forward", step_key(step))
+            forward = self._forward
         self.kv_caches, logits = forward(self.params, self.kv_caches, step)
         self._pending = (logits, host)
         return None
@@ -290,21 +302,24 @@ class JaxModelRunner:
         seed = self.batch.seed[slots]
         generated = self.batch.num_tokens[slots] - self.batch.num_prompt_tokens[slots]
         fresh = self._host_rng.integers(0, 2**32, rows, dtype=np.uint64)
+        requested = int(self.batch.num_logprobs[slots].max(initial=-1))
+        runtime = runtime_sampler_flags()  # CPU: one program decides greedy/top-k/logprobs
+        want_logprobs = pad(self.batch.num_logprobs[slots] >= 0, False, bool) if runtime else None
         inputs = SamplingInputs(
             temperature=pad(temperature, 0.0, np.float32),
             top_k=pad(top_k, 0, np.int32),
             top_p=pad(top_p, 1.0, np.float32),
             seeds=pad(np.where(seed >= 0, seed, fresh).astype(np.uint32), 0, np.uint32),
             draws=pad(np.where(seed >= 0, generated, 0), 0, np.int32),
+            want_logprobs=want_logprobs,
             **self.batch.processor_inputs(slots, padded),
         )
-        requested = int(self.batch.num_logprobs[slots].max(initial=-1))
         # One width for every step (top max_logprobs) unless a request asks for more (-1: all).
-        width = min(max(requested, self.model_config.max_logprobs, 1), self.batch.vocab_size)
+        width = logprobs_width(self.model_config.max_logprobs, self.batch.vocab_size, requested)
         flags = {
             "all_greedy": bool(np.all(temperature < GREEDY_EPS)),
             "use_top_k_top_p": bool(np.any(top_k > 0) or np.any(top_p < 1.0)),
-            "num_logprobs": 0 if requested < 0 else width,
+            "num_logprobs": width if requested >= 0 or runtime else 0,
             "logprobs_mode": self.model_config.logprobs_mode,
         }
         return inputs, flags
@@ -335,7 +350,12 @@ class JaxModelRunner:
         if grammar_output is not None:
             params = params._replace(bitmask=self._grammar_bitmask(host, grammar_output))
         params = jax.device_put(params)
-        sampled = run_sampler(self._compiled_samplers, logits, params, flags)
+        sampled = run_sampler(self._compiled_samplers, logits, params, flags, self._lazy)
+        if sampled.topk_ids is not None and not np.any(self.batch.num_logprobs[host.slots] >= 0):
+            # computed only as zeros (params.want_logprobs): nobody asked
+            sampled = sampled._replace(
+                topk_ids=None, topk_logprobs=None, sampled_logprob=None, sampled_rank=None
+            )
         plan, self._spec_plan = self._spec_plan, None
         spec_tokens = None
         if plan is not None and plan.num_rows:

@@ -136,6 +136,13 @@ class Progress:
             sampler or 0.0
         )
 
+    def summary(self) -> str:
+        """Programs and mean seconds between completions, per kind and source."""
+        return ", ".join(
+            f"{len(v)} {kind} {sum(v) / len(v):.2f} s each"
+            for kind, v in sorted(self.seconds.items())
+        )
+
     def close(self) -> None:
         self.bar.close()
 
@@ -245,11 +252,12 @@ def precompile(runner: Any) -> float:
     seconds = time.perf_counter() - start
     total = progress.bar.total
     logger.info(
-        "precompiled %d programs (%d forward, %d sampler) in %.1f s",
+        "precompiled %d programs (%d forward, %d sampler) in %.1f s (%s)",
         total,
         len(buckets),
         total - len(buckets),
         seconds,
+        progress.summary(),
     )
     return seconds
 
