@@ -83,10 +83,17 @@ def paged_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    causal: bool = True,
 ) -> tuple[jax.Array, KVCache]:
-    """Stores ``k``/``v`` (``[tokens, kv_heads, dim]``) in the cache and attends ``q``."""
+    """Stores ``k``/``v`` (``[tokens, kv_heads, dim]``) in the cache and attends ``q``.
+
+    ``causal=False`` (encoders: each sequence's whole input in one step) runs the reference on
+    every backend, since the Pallas kernels mask causally only; an encoder step is one prefill
+    pass, dominated by its matmuls.
+    """
     k_pages, v_pages = reference.write_kv_pages(*kv_cache, k, v, metadata.slot_mapping)
-    out = attention_kernel()(
+    kernel = attention_kernel() if causal else reference.ragged_paged_attention
+    out = kernel(
         q,
         k_pages,
         v_pages,
@@ -97,6 +104,7 @@ def paged_attention(
         sm_scale=sm_scale,
         sliding_window=sliding_window,
         soft_cap=soft_cap,
+        **({} if causal else {"causal": False}),
     )
     return out, (k_pages, v_pages)
 

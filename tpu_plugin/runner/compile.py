@@ -268,6 +268,8 @@ def precompile(runner: Any) -> float:
         runner.model_config.logprobs_mode,
     )
     seq_buckets = sorted({b.seqs for b in buckets})
+    if getattr(runner, "pooling", None) is not None:  # pooling models sample nothing
+        variants, seq_buckets = [], []
     prev_tokens = runner._last_tokens if runner.async_scheduling else None
 
     def make_step(bucket: StepBucket) -> Any:
