@@ -2,9 +2,9 @@
 
 Post-norm transformer layers with bidirectional attention: every token of an input attends to
 the whole input, so an input must arrive in one step (the runner refuses chunked prefill for
-these models, see ``tpu_plugin/runner/pooling.py``). Keys and values still go through the
-paged KV cache and the one ragged paged attention call, with ``causal=False``; an encoder's
-step is a single prefill pass, so that costs a write of the step's K/V and nothing else.
+these models, see ``tpu_plugin/runner/pooling.py``), and its keys and values are the step's
+own: attention reads them directly (``layers.attention.encoder_attention``), and the KV pages
+vLLM allocates for the requests stay untouched.
 
 RoBERTa and XLM-RoBERTa differ from BERT only in their positions: they start at
 ``pad_token_id + 1`` (Hugging Face derives them from the non-padding tokens; an input here
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tpu_plugin.layers.attention import AttentionMetadata, KVCache, paged_attention
+from tpu_plugin.layers.attention import AttentionMetadata, KVCache, encoder_attention
 from tpu_plugin.layers.linear import Embedding, Linear
 from tpu_plugin.layers.mlp import activation
 from tpu_plugin.layers.norm import LayerNorm
@@ -72,9 +72,7 @@ class BertSelfAttention(nnx.Module):
     ) -> tuple[jax.Array, KVCache]:
         shape = (x.shape[0], self.num_heads, self.head_dim)
         q, k, v = (proj(x).reshape(shape) for proj in (self.query, self.key, self.value))
-        out, kv_cache = paged_attention(
-            q, k, v, kv_cache, md, sm_scale=self.head_dim**-0.5, causal=False
-        )
+        out, kv_cache = encoder_attention(q, k, v, kv_cache, md, sm_scale=self.head_dim**-0.5)
         return out.reshape(x.shape[0], -1), kv_cache
 
 
