@@ -29,7 +29,7 @@ ENCODER = dict(
 )
 CONFIGS = {
     "bert": lambda: BertConfig(**ENCODER, type_vocab_size=2),
-    "xlm-roberta": lambda: XLMRobertaConfig(**ENCODER, type_vocab_size=1),
+    "xlm_roberta": lambda: XLMRobertaConfig(**ENCODER, type_vocab_size=1),
 }
 LENGTHS = (7, 30, 1, 17, 64)
 
@@ -81,4 +81,4 @@ def test_position_table_bounds_the_input(tmp_path):
     from tpu_plugin.models.bert import BertModel, RobertaModel
 
     assert BertModel.max_input_len(CONFIGS["bert"]()) == 128
-    assert RobertaModel.max_input_len(CONFIGS["xlm-roberta"]()) == 126
+    assert RobertaModel.max_input_len(CONFIGS["xlm_roberta"]()) == 126
