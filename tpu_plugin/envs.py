@@ -10,7 +10,7 @@ import os
 
 DEVICES = ("tpu", "cpu", "gpu")
 MODEL_IMPLS = ("auto", "jax", "torchax")
-ATTENTION_IMPLS = ("auto", "reference", "pallas", "pallas-interpret")
+ATTENTION_IMPLS = ("auto", "xla", "reference", "pallas", "pallas-interpret")
 MOE_IMPLS = ("auto", "xla", "reference", "pallas", "pallas-interpret")
 
 
@@ -47,9 +47,11 @@ def model_impl() -> str:
 
 
 def attention_impl() -> str:
-    """``TPU_PLUGIN_ATTENTION``: auto|reference|pallas|pallas-interpret.
+    """``TPU_PLUGIN_ATTENTION``: auto|xla|reference|pallas|pallas-interpret.
 
-    ``auto`` is ``pallas`` on TPU and GPU and the pure-jnp reference on CPU; ``pallas`` is the
+    ``auto`` is ``pallas`` on TPU and GPU and ``xla`` on CPU (pure jnp whose work follows the
+    real KV lengths, so the page table needs no width buckets); ``reference`` is the spec
+    (work follows the page table's width, bucketed by the runner); ``pallas`` is the
     Mosaic TPU kernel, or on a GPU backend the Pallas GPU (Triton) kernel (the reference where
     its tiles do not fit the shapes); ``pallas-interpret`` runs the TPU kernel in
     interpret mode on CPU (debugging, tests).

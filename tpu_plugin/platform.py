@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -143,8 +144,12 @@ class TpuPluginPlatform(Platform):
     def check_and_update_config(cls, vllm_config: VllmConfig) -> None:
         from vllm.config import CompilationMode, CUDAGraphMode
 
+        from tpu_plugin import _is_vllm_cli
         from tpu_plugin.models.registry import check_architecture
+        from tpu_plugin.startup import forward_sigterm_to_starting_engines
 
+        if _is_vllm_cli() and "serve" in sys.argv[1:2]:  # the API server (startup.py says why)
+            forward_sigterm_to_starting_engines()
         model_config = vllm_config.model_config
         if model_config is not None:
             check_architecture(list(model_config.architectures or []))

@@ -21,6 +21,7 @@ import multiprocessing
 import sys
 from collections.abc import Iterator
 from types import TracebackType
+from typing import Any
 
 _ENGINE_FAILED = "Engine core initialization failed"
 
@@ -78,6 +79,10 @@ def _cli_excepthook(
             sys.stderr.write(f"vllm: error: {message}\n")
         sys.stderr.flush()
         return
+    if isinstance(error, KeyboardInterrupt):  # Ctrl-C, or SIGTERM during start-up (vLLM's)
+        sys.stderr.write("vllm: stopped\n")
+        sys.stderr.flush()
+        return
     if isinstance(error, RuntimeError) and str(error).startswith(_ENGINE_FAILED):
         sys.stderr.write(
             "vllm: error: the engine stopped during start-up; its reason is printed above\n"
@@ -91,3 +96,66 @@ def install_cli_excepthook() -> None:
     """Replaces ``sys.excepthook`` in the ``vllm`` CLI process (exit status stays 1)."""
     if sys.excepthook is sys.__excepthook__:
         sys.excepthook = _cli_excepthook
+
+
+_forwarding = False
+
+
+def _is_engine(process: Any) -> bool:
+    """Not multiprocessing's resource tracker (it ignores SIGTERM and outlives the engines)."""
+    try:
+        return "resource_tracker" not in " ".join(process.cmdline())
+    except Exception:  # gone already, or not ours to read
+        return False
+
+
+def forward_sigterm_to_starting_engines() -> None:
+    """Makes SIGTERM to a starting ``vllm serve`` stop its engine process within seconds.
+
+    vLLM's API server waits for its engine's READY message in one zmq poll of the main
+    thread, for up to ``VLLM_ENGINE_READY_TIMEOUT_S``. The kernel delivers a SIGTERM to any
+    thread that does not block it (native threads of torch and JAX do not), so the poll is
+    not interrupted and vLLM's handler (which would shut the engine down) runs only when the
+    poll returns: after the whole start-up, precompilation included. Here a thread of ours
+    reads the byte Python's C-level handler writes to the wakeup fd for every signal and
+    sends SIGTERM to this process's children; a starting engine stops at once
+    (runner/precompile.py); then the signal goes again to the main thread itself, which
+    interrupts the poll so that vLLM's handler runs and the API server exits. The previous
+    wakeup fd (the event loop's) gets every byte too. Called from the platform in the API
+    server's main thread; uvicorn's own signal set-up replaces the wakeup fd once the server
+    runs, so a running server's shutdown is vLLM's own.
+    """
+    global _forwarding
+    import os
+    import signal
+    import threading
+
+    if _forwarding or threading.current_thread() is not threading.main_thread():
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    _forwarding = True
+
+    main_thread = threading.main_thread().ident
+
+    def forward() -> None:
+        import psutil
+
+        while data := os.read(read_fd, 64):
+            if previous >= 0:
+                with contextlib.suppress(OSError):
+                    os.write(previous, data)
+            if signal.SIGTERM not in data:
+                continue
+            engines = [p for p in psutil.Process().children(recursive=True) if _is_engine(p)]
+            for engine in engines:
+                with contextlib.suppress(psutil.Error):
+                    engine.send_signal(signal.SIGTERM)
+            psutil.wait_procs(engines, timeout=10)
+            # The main thread's poll waits for a READY that will not come: the signal again,
+            # to that thread, interrupts it so vLLM's handler runs (and this thread stops).
+            signal.pthread_kill(main_thread, signal.SIGTERM)
+            return
+
+    threading.Thread(target=forward, name="tpu-plugin-sigterm", daemon=True).start()

@@ -148,11 +148,11 @@ class TpuPluginWorker(WorkerBase):
         self.model_runner.initialize_kv_cache(kv_cache_config)
 
     def compile_or_warm_up_model(self) -> CompilationTimes:
-        """Compiles every step bucket now, so serving never waits on XLA (compile.py).
+        """Compiles every step bucket now, so serving never waits on XLA (precompile.py).
 
         ``TPU_PLUGIN_PRECOMPILE=0`` skips it: buckets then compile on first use.
         """
-        from tpu_plugin.runner.compile import precompile
+        from tpu_plugin.runner.precompile import precompile
 
         runner = self.model_runner
         if not envs.precompile() or runner._aot_forward is None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from vllm.sampling_params import SamplingParams
 
+from tpu_plugin.runner import compile as compile_module
 from tpu_plugin.runner.compile import StepBucket, sampler_variants, step_buckets
 from tpu_plugin.runner.input_batch import InputBatch, RequestState
 from tpu_plugin.runner.inputs import merge_plan, merge_prev_tokens, prepare_inputs
@@ -32,10 +33,11 @@ def random_step(rng, batch_tokens: int, max_seqs: int, max_len: int) -> tuple[li
     return starts, queries
 
 
+@pytest.mark.parametrize("bucket_widths", [True, False])
 @pytest.mark.parametrize("config", CONFIGS)
-def test_every_step_shape_is_a_listed_bucket(config):
+def test_every_step_shape_is_a_listed_bucket(config, bucket_widths):
     batch_tokens, max_seqs, max_len, block = config
-    buckets = set(step_buckets(*config))
+    buckets = set(step_buckets(*config, bucket_widths))
     pages_per_req = -(-max_len // block)
     rng = np.random.default_rng(0)
     seen = set()
@@ -49,7 +51,13 @@ def test_every_step_shape_is_a_listed_bucket(config):
             batch.add(RequestState(f"r{i}", [5] * total, SamplingParams(), blocks, start))
             ids.append(f"r{i}")
         step, host = prepare_inputs(
-            batch, ids, queries, page_size=block, num_pages=1000, max_num_seqs=max_seqs
+            batch,
+            ids,
+            queries,
+            page_size=block,
+            num_pages=1000,
+            max_num_seqs=max_seqs,
+            bucket_widths=bucket_widths,
         )
         shape = StepBucket(
             step.input_ids.shape[0],
@@ -70,9 +78,24 @@ def test_bucket_counts_stay_small():
     print("8192 tokens / 256 seqs / 2048 len:", len(default))
     assert counts[CONFIGS[0]] == 6 and len(default) < 100
     assert all(b.seqs <= b.tokens for b in default)
+    # Full-width page tables (the CPU's attention): one bucket per token bucket, 1..8192.
+    full_width = step_buckets(8192, 256, 2048, 16, bucket_widths=False)
+    assert [b.tokens for b in full_width] == [2**i for i in range(14)]
+    assert {b.pages for b in full_width} == {128}
 
 
-def test_sampler_variants_cover_the_flags():
+def test_sampler_variants_with_flags_decided_at_run_time():
+    """On the CPU (the test backend) greedy and top-k/top-p are decided inside the program:
+    one variant per logprobs width."""
+    variants = sampler_variants(20, 512, "raw_logprobs")
+    assert [(v["all_greedy"], v["use_top_k_top_p"], v["num_logprobs"]) for v in variants] == [
+        (None, None, 0),
+        (None, None, 20),
+    ]
+
+
+def test_sampler_variants_cover_the_static_flags(monkeypatch):
+    monkeypatch.setattr(compile_module, "runtime_sampler_flags", lambda: False)
     variants = sampler_variants(20, 512, "raw_logprobs")
     assert len(variants) == 8
     assert {v["num_logprobs"] for v in variants} == {0, 20}

@@ -56,7 +56,7 @@ def build_runner(model_dir: Path, tp: int = 1, tokens: int = 16, async_schedulin
 
 def precompile_counted(runner) -> tuple[dict, dict[str, int]]:
     """Runs precompile; the cache's counts and JAX's trace/compile events meanwhile."""
-    from tpu_plugin.runner.compile import precompile
+    from tpu_plugin.runner.precompile import precompile
 
     events = {TRACE_EVENT: 0, COMPILE_EVENT: 0}
     active = [True]

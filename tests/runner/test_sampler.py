@@ -383,3 +383,39 @@ def test_platform_accepts_every_v1_sampling_field():
     assert unsupported_sampling_fields(SamplingParams(prompt_logprob_start=3)) == [
         "prompt_logprob_start"
     ]
+
+
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p",
+    [
+        (0.0, 0, 1.0),  # every row greedy: the program skips the draw
+        (np.array([0.0, 0.7] * 4), 0, 1.0),  # mixed rows, no top-k/top-p: no sort
+        (np.array([0.0, 0.7] * 4), np.array([0, 3] * 4), 0.9),  # mixed, masks on
+    ],
+)
+@pytest.mark.parametrize("mode", ["raw_logprobs", "processed_logprobs"])
+def test_flags_decided_at_run_time_equal_the_static_program(
+    logits, temperature, top_k, top_p, mode
+):
+    """``None`` flags (the CPU's single program) sample exactly what the static program the
+    runner would pick for the same rows samples, logprobs included."""
+    params = inputs(8, temperature=temperature, top_k=top_k, top_p=top_p, seeds=np.arange(8) + 7)
+    static = {
+        "all_greedy": bool(np.all(np.asarray(temperature) == 0)),
+        "use_top_k_top_p": bool(np.any(np.asarray(top_k) > 0) or np.any(np.asarray(top_p) < 1)),
+    }
+    want = run(logits, params, num_logprobs=4, logprobs_mode=mode, **static)
+    got = run(
+        logits,
+        params,
+        num_logprobs=4,
+        logprobs_mode=mode,
+        all_greedy=None,
+        use_top_k_top_p=None,
+    )
+    for name, value in want._asdict().items():
+        value, other = np.asarray(value), np.asarray(getattr(got, name))
+        if value.dtype.kind == "f":  # another fusion of the same ops: float rounding only
+            np.testing.assert_allclose(other, value, rtol=1e-5, atol=1e-6, err_msg=name)
+        else:
+            np.testing.assert_array_equal(other, value, name)

@@ -2,8 +2,9 @@
 
 Which implementation runs is decided once per process (``TPU_PLUGIN_ATTENTION``):
 the Mosaic Pallas kernel on TPU, the Pallas GPU (Triton) kernel on GPU (the reference for shapes
-it does not take), the pure-jnp reference on CPU, or the TPU kernel in interpret mode on CPU
-for debugging and for end-to-end tests of the kernel.
+it does not take), the jnp ``xla`` implementation on CPU (key chunks in a loop as long as the
+real KV lengths), the pure-jnp reference, or the TPU kernel in interpret mode on CPU for
+debugging and for end-to-end tests of the kernel.
 
 :class:`SelfAttention` is the attention block every dense family builds from an
 :class:`AttentionSpec` (projections, optional per-head q/k norm, rotary embedding, the call).
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tpu_kernels.ragged_paged_attention import reference
+from tpu_kernels.ragged_paged_attention import reference, xla
 from tpu_plugin import envs
 from tpu_plugin.layers.linear import Linear
 from tpu_plugin.layers.norm import RMSNorm
@@ -53,14 +54,28 @@ def attention_kernel() -> Callable[..., jax.Array]:
     if choice == "auto":
         # On an H100 the Pallas GPU kernel reads KV at 83-94% of copy bandwidth (2k-8k context
         # decode) against 22-26% for the reference (benchmarks/RESULTS.md).
-        choice = "pallas" if backend in ("tpu", "gpu") else "reference"
+        choice = "pallas" if backend in ("tpu", "gpu") else "xla"
     if choice == "reference":
         return reference.ragged_paged_attention
+    if choice == "xla":
+        return xla.ragged_paged_attention
     if choice == "pallas" and backend == "gpu":
         return _gpu_kernel_or_reference
     from tpu_kernels.ragged_paged_attention import tpu
 
     return functools.partial(tpu.ragged_paged_attention, interpret=choice == "pallas-interpret")
+
+
+def page_table_width_bucketed() -> bool:
+    """Whether the runner should bucket the page table's width for this process's attention.
+
+    The reference's work is ``tokens x width``, so a short-context step must get a narrow
+    table; the other implementations take the table's width as a bound only, but the Pallas
+    kernels' block sizes are tuned per width (tuning.py) and stay bucketed. The ``xla``
+    implementation walks the real KV lengths: the runner passes the full width and compiles
+    one program per token bucket instead of one per (tokens, width) pair.
+    """
+    return attention_kernel() is not xla.ragged_paged_attention
 
 
 def _gpu_kernel_or_reference(q: jax.Array, k_pages: jax.Array, *args, **kwargs) -> jax.Array:
@@ -83,17 +98,10 @@ def paged_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
-    causal: bool = True,
 ) -> tuple[jax.Array, KVCache]:
-    """Stores ``k``/``v`` (``[tokens, kv_heads, dim]``) in the cache and attends ``q``.
-
-    ``causal=False`` (encoders: each sequence's whole input in one step) runs the reference on
-    every backend, since the Pallas kernels mask causally only; an encoder step is one prefill
-    pass, dominated by its matmuls.
-    """
+    """Stores ``k``/``v`` (``[tokens, kv_heads, dim]``) in the cache and attends ``q``."""
     k_pages, v_pages = reference.write_kv_pages(*kv_cache, k, v, metadata.slot_mapping)
-    kernel = attention_kernel() if causal else reference.ragged_paged_attention
-    out = kernel(
+    out = attention_kernel()(
         q,
         k_pages,
         v_pages,
@@ -104,7 +112,6 @@ def paged_attention(
         sm_scale=sm_scale,
         sliding_window=sliding_window,
         soft_cap=soft_cap,
-        **({} if causal else {"causal": False}),
     )
     return out, (k_pages, v_pages)
 

@@ -19,7 +19,10 @@ A program whose key matches was built from the same code for the same shapes, so
 program cannot be loaded short of a code change outside those files (a patched jaxlib of the
 same version, an edited vLLM model for torchax, which therefore does not use this cache).
 Entries are written to a temporary file and renamed, so a reader sees a whole entry or none;
-an entry that does not load is logged, removed and compiled again.
+an entry that does not load is logged, removed and compiled again. A process killed while
+writing (SIGKILL) leaves its temporary file behind: the next cache opened in that folder
+removes temporary files of processes that no longer run. On SIGTERM, start-up lets a write
+in progress finish and stores nothing more (:meth:`ExecutableCache.finish_writes`).
 """
 
 from __future__ import annotations
@@ -146,6 +149,30 @@ def jax_cache_bypassed() -> Iterator[None]:
         jax_cache.reset_cache()
 
 
+_TMP_PREFIX = ".tmp-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_orphaned_temporaries(directory: Path) -> int:
+    """Deletes temporary entry files whose writer (the pid in the name) no longer runs."""
+    removed = 0
+    for path in directory.glob(f"{_TMP_PREFIX}*"):
+        pid = path.name[len(_TMP_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 class ExecutableCache:
     """Serialized executables in ``directory``, keyed on ``context`` plus each program."""
 
@@ -157,6 +184,10 @@ class ExecutableCache:
         self.stored = 0
         # precompile() loads and stores from several threads; the counts stay exact.
         self._count_lock = threading.Lock()
+        # Held while an entry is written; finish_writes() waits on it, then closes the cache.
+        self._write_lock = threading.Lock()
+        self._closed = False
+        remove_orphaned_temporaries(self.directory)
 
     def _count(self, counter: str) -> None:
         with self._count_lock:
@@ -231,6 +262,14 @@ class ExecutableCache:
         self._count("hits")
         return compiled
 
+    def finish_writes(self, timeout: float = 10.0) -> None:
+        """Waits for an entry being written (if any) and refuses every later store: what is
+        on disk is then final, for a process about to exit."""
+        acquired = self._write_lock.acquire(timeout=timeout)
+        self._closed = True
+        if acquired:
+            self._write_lock.release()
+
     def store(self, key: str, compiled: jax.stages.Compiled) -> bool:
         """Writes ``compiled`` under ``key`` (whole or not at all); False if it cannot be."""
         try:
@@ -242,15 +281,20 @@ class ExecutableCache:
                 "out_tree": out_tree,
                 "device_ids": [d.id for d in devices],
             }
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".jaxexe")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    pickle.dump(entry, f, protocol=pickle.HIGHEST_PROTOCOL)
-                os.replace(tmp, self._path(key))
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            payload = pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL)
+            with self._write_lock:
+                if self._closed:
+                    return False
+                self.directory.mkdir(parents=True, exist_ok=True)
+                prefix = f"{_TMP_PREFIX}{os.getpid()}-"
+                fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=prefix, suffix=".jaxexe")
+                try:
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(payload)
+                    os.replace(tmp, self._path(key))
+                except BaseException:
+                    os.unlink(tmp)
+                    raise
         except Exception as exc:  # the program still runs, uncached
             logger.warning("executable cache: cannot store a program (%s)", exc)
             return False

@@ -52,8 +52,12 @@ def prepare_inputs(
     page_size: int,
     num_pages: int,
     max_num_seqs: int,
+    bucket_widths: bool = True,
 ) -> tuple[StepInputs, HostStep]:
-    """Builds the step's arrays for ``req_ids`` (each with ``num_scheduled`` new tokens)."""
+    """Builds the step's arrays for ``req_ids`` (each with ``num_scheduled`` new tokens).
+
+    ``bucket_widths``: whether the page table's width is bucketed (compile.page_bucket).
+    """
     slots = np.fromiter((batch.req_id_to_slot[r] for r in req_ids), np.int32, len(req_ids))
     query_lens = np.asarray(num_scheduled, np.int32)
     num_reqs, num_tokens = len(req_ids), int(query_lens.sum())
@@ -77,7 +81,7 @@ def prepare_inputs(
     slot_mapping[:num_tokens] = pages * page_size + positions % page_size
 
     pages_needed = int(-(-kv_lens.max() // page_size)) if num_reqs else 1
-    width = page_bucket(pages_needed, batch.block_table.shape[1], page_size)
+    width = page_bucket(pages_needed, batch.block_table.shape[1], page_size, bucket_widths)
     page_indices = np.zeros((padded_seqs, width), np.int32)
     page_indices[:num_reqs] = batch.block_table[slots, :width]
     padded_kv_lens = np.zeros(padded_seqs, np.int32)

@@ -24,6 +24,7 @@ from vllm.v1.outputs import (
     ModelRunnerOutput,
 )
 
+from tpu_plugin.layers.attention import page_table_width_bucketed
 from tpu_plugin.models.loader import load_model, resolve_model_dir
 from tpu_plugin.models.registry import select_implementation
 from tpu_plugin.parallel import plan_for
@@ -105,11 +106,15 @@ class JaxModelRunner:
         self._pending: tuple[jax.Array, HostStep] | None = None
         self._host_rng = np.random.default_rng(self.model_config.seed)
         self.model: nnx.Module | None = None
+        # Page-table widths are bucketed only where attention's work grows with the width
+        # (MLA's latent attention, layers/mla.py, and encoders' window, always do).
+        encoder = self.pooling is not None and self.pooling.bidirectional
+        self.bucket_page_widths = self.latent_kv or encoder or page_table_width_bucketed()
 
     # ---- start-up -------------------------------------------------------------------------
     def load_model(self) -> None:
         enable_persistent_cache()
-        # Sampler programs by shape and flags (compile.precompile, compile.run_sampler).
+        # Sampler programs by shape and flags (precompile.precompile, compile.run_sampler).
         self._compiled_samplers: dict[tuple, Any] = {}
         start = time.perf_counter()
         # Async scheduling (async_output.py): the last sampled token of every slot stays on
@@ -154,7 +159,7 @@ class JaxModelRunner:
             return plan.constrain_kv(kv_caches), plan.logits(logits)
 
         self._forward = jax.jit(forward, donate_argnums=(1,))
-        # Precompiled forward programs by step shape (compile.precompile); Ray's wrapper below
+        # Precompiled forward programs by step shape (precompile.precompile); Ray's wrapper below
         # converts inputs, so multi-process runs compile on first use instead.
         self._aot_forward = None if plan.multi_process else self._forward
         self._compiled: dict[tuple[int, ...], Any] = {}
@@ -254,6 +259,7 @@ class JaxModelRunner:
             page_size=self.block_size,
             num_pages=self.num_pages,
             max_num_seqs=self.max_num_seqs,
+            bucket_widths=self.bucket_page_widths,
         )
         if self.pooling is not None:  # embeddings: no sampling step follows
             return self._pool(step, host)

@@ -68,6 +68,14 @@ def pooling_method(vllm_config: VllmConfig) -> str:
     return vllm_config.model_config.pooler_config.get_seq_pooling_type()
 
 
+def is_bidirectional(vllm_config: VllmConfig) -> bool:
+    """Whether the model's JAX port attends both ways (an encoder: ``bidirectional``)."""
+    from tpu_plugin.models.registry import resolve_model_class
+
+    architectures = list(vllm_config.model_config.architectures or [])
+    return bool(getattr(resolve_model_class(architectures), "bidirectional", False))
+
+
 def check_pooling_config(vllm_config: VllmConfig) -> None:
     """Start-up checks of a pooling model; each error names the fix.
 
@@ -86,7 +94,7 @@ def check_pooling_config(vllm_config: VllmConfig) -> None:
             "Pooling models)"
         )
     model_class = resolve_model_class(architectures)
-    bidirectional = bool(getattr(model_class, "bidirectional", False))
+    bidirectional = is_bidirectional(vllm_config)
     max_len = getattr(model_class, "max_input_len", None)
     max_input_len = max_len(model_config.hf_config) if max_len else model_config.max_model_len
     pooler = model_config.pooler_config
@@ -140,6 +148,8 @@ class PoolingRunner:
         from vllm.model_executor.layers.pooler import DispatchPooler
 
         self.method = pooling_method(self.vllm_config)
+        # Encoders' attention works over the page table's width (bucket it, model_runner.py).
+        self.bidirectional = is_bidirectional(self.vllm_config)
         pooler_config = self.vllm_config.model_config.pooler_config
         with set_current_vllm_config(self.vllm_config):
             dispatch = DispatchPooler.for_embedding(pooler_config)

@@ -12,7 +12,10 @@ n)`` where ``n`` is how many tokens it has generated, so its output does not dep
 batch.
 
 Optional features are ``None`` fields of :class:`SamplingInputs`; ``None`` is part of the jit
-cache key, so a batch that uses none of them runs the cheap program.
+cache key, so a batch that uses none of them runs the cheap program. The two flags
+``all_greedy`` and ``use_top_k_top_p`` are static (one program each way) or ``None``: decided
+at run time from the rows by a ``lax.cond``, one program for both (the CPU's choice,
+compile.runtime_sampler_flags).
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ def sampling_distribution(
     top_k: jax.Array,
     top_p: jax.Array,
     *,
-    use_top_k_top_p: bool,
+    use_top_k_top_p: bool | None,
     min_p: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """``(is_greedy, scaled)``: the logits a random row draws from, in vLLM's order
@@ -101,7 +104,12 @@ def sampling_distribution(
     scaled = logits / jnp.where(is_greedy, 1.0, temperature)[:, None]
     if min_p is not None:
         scaled = lp.apply_min_p(scaled, min_p)
-    if use_top_k_top_p:
+    if use_top_k_top_p is None:  # decided by the rows: the sort over the vocabulary only if used
+        used = jnp.any(top_k > 0) | jnp.any(top_p < 1.0)
+        scaled = jax.lax.cond(
+            used, lambda: lp.mask_top_k_top_p(scaled, top_k, top_p), lambda: scaled
+        )
+    elif use_top_k_top_p:
         scaled = lp.mask_top_k_top_p(scaled, top_k, top_p)
     return is_greedy, scaled
 
@@ -113,21 +121,23 @@ def sample(
     logits: jax.Array,
     params: SamplingInputs,
     *,
-    all_greedy: bool,
-    use_top_k_top_p: bool,
+    all_greedy: bool | None,
+    use_top_k_top_p: bool | None,
     num_logprobs: int,
     logprobs_mode: str = "raw_logprobs",
 ) -> SampledTokens:
-    """Samples one token per row of ``logits`` ``[>=S, vocab]`` (rows past S are ignored)."""
+    """Samples one token per row of ``logits`` ``[>=S, vocab]`` (rows past S are ignored).
+
+    ``all_greedy`` / ``use_top_k_top_p`` ``None``: decided from the rows at run time.
+    """
     logits = logits[: params.temperature.shape[0]].astype(jnp.float32)
     if params.bitmask is not None:
         logits = lp.apply_bitmask(logits, params.bitmask)
     raw = logits
     logits = process_logits(logits, params)
     greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    if all_greedy:
-        tokens, final = greedy_tokens, logits
-    else:
+
+    def draw_tokens() -> tuple[jax.Array, jax.Array]:
         is_greedy, scaled = sampling_distribution(
             logits,
             params.temperature,
@@ -142,7 +152,15 @@ def sample(
             return jax.random.categorical(key, row)
 
         random_tokens = jax.vmap(draw)(params.seeds, params.draws, scaled).astype(jnp.int32)
-        tokens, final = jnp.where(is_greedy, greedy_tokens, random_tokens), scaled
+        return jnp.where(is_greedy, greedy_tokens, random_tokens), scaled
+
+    if all_greedy is None:  # no draw when every row is greedy (padding rows are)
+        every_row_greedy = jnp.all(params.temperature < GREEDY_EPS)
+        tokens, final = jax.lax.cond(every_row_greedy, lambda: (greedy_tokens, logits), draw_tokens)
+    elif all_greedy:
+        tokens, final = greedy_tokens, logits
+    else:
+        tokens, final = draw_tokens()
 
     if num_logprobs == 0:
         return SampledTokens(tokens, None, None, None, None)
