@@ -1,9 +1,10 @@
 """Pooling models through ``vllm.LLM`` (``embed``, ``score``) against sentence-transformers.
 
 One engine per model family and pooling type, fp32, random weights: a Qwen3-Embedding-style
-decoder (last token, normalised, Matryoshka dimensions), a Llama base model (mean), BERT (CLS)
-and XLM-RoBERTa (mean). The decoders run with a prefill chunk of 32 tokens, so the long text
-is pooled over several steps (the last token of the last chunk, the mean over all chunks).
+decoder (last token, normalised, Matryoshka dimensions), a Llama base model (mean, and per-token
+embeddings), BERT (CLS) and XLM-RoBERTa (mean). The decoders run with a prefill chunk of 32
+tokens, so the long text is pooled over several steps (the last token of the last chunk, the
+mean over all chunks, every chunk's rows).
 Every embedding must have cosine >= 0.9999 with sentence-transformers' on the same texts.
 """
 
@@ -46,7 +47,7 @@ def check_parity(label: str, got: np.ndarray, want: np.ndarray) -> None:
     cos = cosines(got, want)
     print(
         f"{label}: cosine vs sentence-transformers min {cos.min():.9f} (1 - cos max "
-        f"{1 - cos.min():.1e}) over {len(cos)} texts"
+        f"{1 - cos.min():.1e}) over {len(cos)} rows"
     )
     assert cos.min() >= MIN_COSINE, f"{label}: cosines {cos}"
 
@@ -86,21 +87,45 @@ def test_qwen3_last_token_chunked_and_matryoshka(tmp_path, make_llm, decoder_tok
     check_parity("qwen3 LAST use_activation=False", raw, want)
 
 
-def test_llama_mean_over_chunks(tmp_path, make_llm, decoder_tokenizer):
-    """A Llama base model (``LlamaModel``, no LM head) with mean pooling, its long text split
-    into prefill chunks: the host sums every chunk's rows before dividing."""
+@pytest.fixture
+def llama_embedding_model(tmp_path, decoder_tokenizer):
+    """A Llama base model (``LlamaModel``: no LM head) with mean pooling."""
     tokenizer_dir, vocab = decoder_tokenizer
     config = LlamaConfig(**{**SMALL, "vocab_size": vocab})
-    model_dir = save_embedding_model(tmp_path / "llama-emb", config, tokenizer_dir, "mean")
-    want = reference_embeddings(model_dir, TEXTS)
+    return save_embedding_model(tmp_path / "llama-emb", config, tokenizer_dir, "mean")
+
+
+def test_llama_mean_over_chunks(make_llm, llama_embedding_model):
+    """Mean pooling with the long text split into prefill chunks: the host sums every
+    chunk's rows before dividing."""
+    want = reference_embeddings(llama_embedding_model, TEXTS)
     llm = make_llm(
-        model_dir,
+        llama_embedding_model,
         runner="pooling",
         dtype="float32",
         enable_chunked_prefill=True,
         max_num_batched_tokens=CHUNK,
     )
     check_parity("llama MEAN (chunked)", embed(llm, TEXTS), want)
+
+
+def test_llama_token_embeddings_over_chunks(make_llm, llama_embedding_model):
+    """Per-token embeddings (vLLM's ALL token pooling, ``token_embed``; vLLM serves one
+    pooling task per engine): every token's row, gathered over the prefill chunks."""
+    llm = make_llm(
+        llama_embedding_model,
+        runner="pooling",
+        dtype="float32",
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=CHUNK,
+        pooler_config={"task": "token_embed"},
+    )
+    outputs = llm.encode(TEXTS, pooling_task="token_embed", use_tqdm=False)
+    tokens = reference_embeddings(llama_embedding_model, TEXTS, output_value="token_embeddings")
+    for text, out, ref in zip(TEXTS, outputs, tokens, strict=True):
+        got = out.outputs.data.numpy()
+        assert got.shape == tuple(ref.shape), text
+        check_parity(f"llama token_embed ({len(got)} tokens)", got, ref.numpy())
 
 
 @pytest.mark.parametrize(

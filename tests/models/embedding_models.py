@@ -119,11 +119,16 @@ def save_embedding_model(
     return out_dir
 
 
-def reference_embeddings(model_dir: Path, texts: list[str]):
-    """sentence-transformers' embeddings of ``texts`` (fp32, CPU), ``[len(texts), dim]``."""
+def reference_embeddings(model_dir: Path, texts: list[str], **encode_args):
+    """sentence-transformers' embeddings of ``texts`` (fp32, CPU), ``[len(texts), dim]``.
+
+    ``output_value="token_embeddings"`` gives each text's per-token rows instead (a list).
+    """
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(model_dir), device="cpu")
+    if encode_args:
+        return model.encode(texts, batch_size=len(texts), **encode_args)
     return model.encode(texts, convert_to_numpy=True, batch_size=len(texts))
 
 

@@ -17,7 +17,7 @@ from vllm.pooling_params import PoolingParams
 from tests.conftest import SMALL, make_random_checkpoint
 from tpu_plugin.runner.input_batch import InputBatch, RequestState
 from tpu_plugin.runner.inputs import prepare_inputs
-from tpu_plugin.runner.pooling import PoolingRunner, pool_step
+from tpu_plugin.runner.pooling import PooledStep, PoolingRunner, pool_step
 
 HIDDEN = 8
 
@@ -67,29 +67,36 @@ def pooling_engine_config(tmp_path, method: str, config=None, **engine_args):
     return args.create_engine_config()
 
 
+@pytest.mark.parametrize("task", ["embed", "token_embed"])
 @pytest.mark.parametrize("method", ["LAST", "CLS", "MEAN"])
-def test_chunks_pool_like_one_step(tmp_path, method):
-    """A 10-token prompt in chunks of 4, 4, 2 gives the unchunked embedding; a restart from
-    position 0 (preemption) forgets what the first attempt had gathered."""
+def test_chunks_pool_like_one_step(tmp_path, method, task):
+    """A 10-token prompt in chunks of 4, 4, 2 gives the unchunked embedding (token_embed: every
+    token's); a restart from position 0 (preemption) forgets what the first attempt had."""
     vllm_config = pooling_engine_config(tmp_path, method, enable_prefix_caching=False)
     runner = PoolingRunner(vllm_config)
-    params = PoolingParams(task="embed")
+    params = PoolingParams(task=task)
     params.verify(vllm_config.model_config)
     rows = np.random.default_rng(1).normal(size=(10, HIDDEN)).astype(np.float32)
     reduce = {"LAST": lambda r: r[-1], "CLS": lambda r: r[0], "MEAN": lambda r: r.sum(0)}[method]
 
     def feed(start: int, stop: int, scale: float = 1.0):
         done = stop == len(rows)
-        row = reduce(rows[start:stop]) * scale
+        chunk = rows[start:stop] * scale
+        step = PooledStep(rows=reduce(chunk)[None], hidden=chunk)
+        lens = np.array([stop - start])
         return runner.step_output(
-            row[None], ["a"], np.array([start]), np.array([10]), np.array([done]), [params]
+            step, ["a"], np.array([start]), lens, np.array([10]), np.array([done]), [params]
         ).pooler_output[0]
 
     assert feed(0, 4, scale=7.0) is None  # an attempt that is preempted after one chunk
     assert feed(0, 4) is None and feed(4, 8) is None
     got = feed(8, 10).numpy()
-    want = {"LAST": rows[-1], "CLS": rows[0], "MEAN": rows.mean(0)}[method]
-    np.testing.assert_allclose(got, want / np.linalg.norm(want), rtol=1e-5)
+    if task == "token_embed":
+        want = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    else:
+        want = {"LAST": rows[-1], "CLS": rows[0], "MEAN": rows.mean(0)}[method]
+        want = want / np.linalg.norm(want)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
     assert "a" not in runner.states
 
 

@@ -262,7 +262,7 @@ class JaxModelRunner:
             bucket_widths=self.bucket_page_widths,
         )
         if self.pooling is not None:  # embeddings: no sampling step follows
-            return self._pool(step, host)
+            return self._pool(step, host, [so.num_scheduled_tokens[r] for r in req_ids])
         if self.async_scheduling:
             step = merge_plan(
                 step,
@@ -282,15 +282,18 @@ class JaxModelRunner:
         self._pending = (logits, host)
         return None
 
-    def _pool(self, step: StepInputs, host: HostStep) -> ModelRunnerOutput:
+    def _pool(
+        self, step: StepInputs, host: HostStep, num_scheduled: list[int]
+    ) -> ModelRunnerOutput:
         """Runs a pooling step; finished prompts get their embedding (pooling.py)."""
         forward = self._compiled.get(step_key(step), self._forward)
         starts = self.batch.num_computed_tokens[host.slots]
-        self.kv_caches, rows = forward(self.params, self.kv_caches, step)
+        self.kv_caches, pooled = forward(self.params, self.kv_caches, step)
         return self.pooling.step_output(
-            rows,
+            pooled,
             host.req_ids,
             starts,
+            np.asarray(num_scheduled, np.int32),
             self.batch.num_prompt_tokens[host.slots],
             host.completes_prompt,
             [self.requests[r].pooling_params for r in host.req_ids],

@@ -26,7 +26,7 @@ rows come from ``logits_indices`` (last token of each request) and ``query_start
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,9 @@ from vllm.v1.pool.metadata import PoolingMetadata, PoolingStates
 from tpu_kernels.ragged_paged_attention.reference import token_layout
 
 METHODS = ("LAST", "MEAN", "CLS")
-TASKS = ("embed",)  # what the worker reports to vLLM (the API server's endpoints follow)
+# What the worker reports to vLLM (the API server's endpoints follow): sequence embeddings,
+# and per-token embeddings (vLLM's ALL token pooling) for LLM.encode / /pooling.
+TASKS = ("embed", "token_embed")
 
 
 def pool_step(hidden: jax.Array, step: Any, method: str) -> jax.Array:
@@ -110,6 +112,11 @@ def check_pooling_config(vllm_config: VllmConfig) -> None:
             f"pooling task {task!r} is not supported by tpu-plugin yet (supported: "
             f"{', '.join(TASKS)}); use an embedding model or --pooler-config task embed"
         )
+    if pooler.tok_pooling_type not in (None, "ALL"):
+        raise ValueError(
+            f"token pooling {pooler.tok_pooling_type!r} is not supported by tpu-plugin (ALL "
+            'only); set --pooler-config \'{"tok_pooling_type": "ALL"}\''
+        )
     scheduler, cache = vllm_config.scheduler_config, vllm_config.cache_config
     if bidirectional and scheduler.enable_chunked_prefill:
         raise ValueError(
@@ -129,11 +136,19 @@ def check_pooling_config(vllm_config: VllmConfig) -> None:
         )
 
 
+class PooledStep(NamedTuple):
+    """The pooling forward's output: per-request rows, and every token's row for ``ALL``."""
+
+    rows: jax.Array  # [S, hidden] float32 (pool_step)
+    hidden: jax.Array  # [T, hidden] float32; copied to the host only for token_embed steps
+
+
 @dataclass
 class PoolingState:
     """What a request's later prefill chunks need of its earlier ones (host, float32)."""
 
     pooled: np.ndarray | None = None  # MEAN: running sum; CLS: the first row
+    tokens: list[np.ndarray] = field(default_factory=list)  # token_embed: each chunk's rows
 
 
 @dataclass
@@ -155,18 +170,20 @@ class PoolingRunner:
             dispatch = DispatchPooler.for_embedding(pooler_config)
         self.heads = {task: dispatch.poolers_by_task[task].head for task in TASKS}
 
-    def rows(self, hidden: jax.Array, step: Any) -> jax.Array:
-        """Inside the jitted forward: the step's pooled rows (:func:`pool_step`)."""
-        return pool_step(hidden, step, self.method)
+    def rows(self, hidden: jax.Array, step: Any) -> PooledStep:
+        """Inside the jitted forward: the step's pooled rows (:func:`pool_step`) and all rows
+        (they stay on the device unless a ``token_embed`` request needs them)."""
+        return PooledStep(pool_step(hidden, step, self.method), hidden.astype(jnp.float32))
 
     def forget(self, req_id: str) -> None:
         self.states.pop(req_id, None)
 
     def step_output(
         self,
-        rows: jax.Array,
+        pooled_step: PooledStep,
         req_ids: list[str],
         starts: np.ndarray,
+        query_lens: np.ndarray,
         prompt_lens: np.ndarray,
         completes: np.ndarray,
         params: list[Any],
@@ -174,15 +191,22 @@ class PoolingRunner:
         """vLLM's output for one step: an embedding for each request whose prompt is done.
 
         ``starts`` are the requests' first positions in this step (0: a fresh start, also
-        after preemption), ``completes`` whether the step reaches the end of the prompt.
+        after preemption), ``query_lens`` their tokens in it, ``completes`` whether the step
+        reaches the end of the prompt.
         """
-        host_rows = np.asarray(jax.device_get(rows))[: len(req_ids)]
+        host_rows = np.asarray(jax.device_get(pooled_step.rows))[: len(req_ids)]
+        token_rows = None
+        if any(p.task == "token_embed" for p in params):
+            token_rows = np.asarray(jax.device_get(pooled_step.hidden))
+        offsets = np.cumsum(query_lens) - query_lens
         finished: list[int] = []
         pooled: list[np.ndarray] = []
         for i, req_id in enumerate(req_ids):
             state = self.states.setdefault(req_id, PoolingState())
             if starts[i] == 0:
-                state.pooled = None
+                state.pooled, state.tokens = None, []
+            if params[i].task == "token_embed":
+                state.tokens.append(token_rows[offsets[i] : offsets[i] + query_lens[i]].copy())
             row = host_rows[i].copy()
             if self.method == "MEAN":
                 state.pooled = row if state.pooled is None else state.pooled + row
@@ -190,7 +214,9 @@ class PoolingRunner:
                 state.pooled = row
             if not completes[i]:
                 continue
-            if self.method == "LAST":
+            if params[i].task == "token_embed":
+                vector = np.concatenate(state.tokens)
+            elif self.method == "LAST":
                 vector = row
             elif self.method == "MEAN":
                 vector = state.pooled / np.float32(prompt_lens[i])
@@ -211,9 +237,13 @@ class PoolingRunner:
                 pooling_params=[params[i] for i in indices],
                 pooling_states=[PoolingStates() for _ in indices],
             )
-            data = torch.from_numpy(np.stack([pooled[k] for k in group]))
+            data = [torch.from_numpy(pooled[k]) for k in group]
             with set_current_vllm_config(self.vllm_config):
-                embedded = self.heads[task](data, metadata)
+                # vLLM's heads: a [n, hidden] batch for embed, one [tokens, hidden] each for
+                # token_embed
+                embedded = self.heads[task](
+                    torch.stack(data) if task == "embed" else data, metadata
+                )
             for i, vector in zip(indices, embedded, strict=True):
                 outputs[i] = vector
         return ModelRunnerOutput(
