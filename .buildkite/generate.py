@@ -89,6 +89,22 @@ CHECKS: dict[str, Check] = {
             },
         },
     ),
+    # The engine's programs through the real TPU compiler (libtpu) for one generation, from a
+    # CPU agent: tests/tpu builds them from the runner with abstract weights (no TPU needed).
+    **{
+        f"tpu-compile-{generation}": Check(
+            description=f"every program start-up precompiles compiles for TPU {generation} "
+            "(libtpu, Mosaic kernels; abstract weights)",
+            timeout_minutes=20,
+            commands={
+                "random": {
+                    "cpu": f"{PYTEST} tests/tpu/test_tpu_compile.py -m 'slow or not slow' "
+                    f"-k '{{arch}} and {generation}'"
+                }
+            },
+        )
+        for generation in ("v5e", "v6e")
+    },
     "benchmark": Check(
         description="offline greedy throughput, plugin vs HF transformers in the same run",
         timeout_minutes=30,
@@ -295,7 +311,7 @@ def build_steps(models: Sequence[ModelEntry]) -> tuple[list[dict[str, Any]], lis
                 for check in model.checks:
                     templates = [CHECKS[check].command(r, device) for r in model.recipes]
                     select = shlex.quote(model.select or "")
-                    commands = [t.format(select=select) for t in templates if t]
+                    commands = [t.format(select=select, arch=model.arch) for t in templates if t]
                     commands = list(dict.fromkeys(commands))
                     if not commands:
                         skipped.append(f"{model.arch} {check} ({path}, {queue}): no command")

@@ -41,7 +41,9 @@ def read_pin(requirements: Path) -> tuple[str, str, str]:
     """The (name, version, sha256) of the file's only hash-pinned requirement."""
     pins = [m.groups() for line in requirements.read_text().splitlines() if (m := _PIN.match(line))]
     if len(pins) != 1:
-        raise SystemExit(f"fetch_sdist: {requirements} must pin exactly one package by hash, found {len(pins)}")
+        raise SystemExit(
+            f"fetch_sdist: {requirements} must pin exactly one package by hash, found {len(pins)}"
+        )
     return pins[0]
 
 
@@ -71,7 +73,9 @@ def main() -> None:
             out.write(chunk)
     if digest.hexdigest() != expected:
         target.unlink()
-        raise SystemExit(f"fetch_sdist: {url} has sha256 {digest.hexdigest()}, {requirements} pins {expected}")
+        raise SystemExit(
+            f"fetch_sdist: {url} has sha256 {digest.hexdigest()}, {requirements} pins {expected}"
+        )
     print(target)
 
 

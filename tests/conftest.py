@@ -11,6 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("TPU_PLUGIN_DEVICE", "cpu")
+# libtpu is installed for the TPU compile tests (tests/tpu): JAX's own backend here is the CPU,
+# so it never tries to open a TPU (and print that it finds no chips) in a test process.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Engines compile buckets on first use in tests (seconds each on 2 cores, dozens per engine);
 # tests/e2e/test_precompile.py turns precompilation on where it is what is tested.

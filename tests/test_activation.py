@@ -46,12 +46,50 @@ def test_no_opt_in_and_no_tpu_stays_silent(monkeypatch):
     assert detect_platform() is None
 
 
+def test_libtpu_without_tpu_chips_is_not_a_tpu_host(monkeypatch):
+    """The CPU test target installs libtpu (the TPU compiler, tests/tpu): no chips, no TPU."""
+    import importlib.util
+
+    monkeypatch.delenv("TPU_PLUGIN_DEVICE", raising=False)
+    assert importlib.util.find_spec("libtpu") is not None
+    monkeypatch.setattr("glob.glob", lambda pattern: [])
+    assert detect_platform() is None
+    monkeypatch.setattr("glob.glob", lambda pattern: ["/dev/vfio/0"] if "vfio" in pattern else [])
+    assert detect_platform() == PLATFORM_CLASS  # libtpu and chips: a TPU host
+    assert os.environ.pop("TPU_PLUGIN_DEVICE") == "tpu"
+
+
+def test_cpu_run_with_libtpu_installed_never_opens_a_tpu_backend():
+    """--device cpu with libtpu installed: JAX's backend is the CPU and libtpu never starts
+    (it would print that it finds no TPU host bounds or worker addresses)."""
+    code = (
+        "from tpu_plugin import detect_platform; detect_platform()\n"
+        "from tpu_plugin.worker import select_jax_backend\n"
+        "import jax; print(select_jax_backend(), jax.default_backend(), len(jax.devices()))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "TPU_PLUGIN_DEVICE": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["cpu", "cpu", "1"]
+    for sign in ("TPU_WORKER_HOSTNAMES", "host bounds", "libtpu"):
+        assert sign not in result.stderr
+
+
 def test_cuda_looking_host_keeps_stock_vllm_unless_opted_in(monkeypatch):
     """With the CUDA probe answering yes, vLLM resolves to CUDA unless the user opts in."""
     import vllm.platforms as platforms
 
     cuda = "vllm.platforms.cuda.CudaPlatform"
     monkeypatch.setitem(platforms.builtin_platform_plugins, "cuda", lambda: cuda)
+    # A CUDA host has no libtpu; vLLM's own TPU probe takes an installed libtpu for a TPU
+    # host (the test requirements install it for tests/tpu).
+    monkeypatch.setitem(platforms.builtin_platform_plugins, "tpu", lambda: None)
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
     monkeypatch.delenv("TPU_PLUGIN_DEVICE", raising=False)
     assert platforms.resolve_current_platform_cls_qualname() == cuda

@@ -61,8 +61,9 @@ def _missing_tpu() -> str | None:
 def detect_platform() -> str | None:
     """Returns the platform class path when the plugin should run, else None (stock vLLM).
 
-    Activates for ``--device tpu|cpu|gpu`` or ``TPU_PLUGIN_DEVICE``, or when a TPU is present
-    (libtpu installed). A CUDA or plain host without an opt-in returns None.
+    Activates for ``--device tpu|cpu|gpu`` or ``TPU_PLUGIN_DEVICE``, or on a TPU host (libtpu
+    installed and TPU chips visible, :func:`_missing_tpu`). A CUDA or plain host without an
+    opt-in returns None, libtpu or not.
     """
     from tpu_plugin import envs
 
@@ -80,7 +81,9 @@ def detect_platform() -> str | None:
         raise SystemExit(f"tpu-plugin: {error}") from None
     if device == "tpu" and (missing := _missing_tpu()) is not None:
         raise SystemExit(f"tpu-plugin: no TPU found ({missing}); use --device cpu or --device gpu")
-    if device is None and importlib.util.find_spec("libtpu") is not None:
+    # A TPU host: libtpu *and* chips. libtpu alone is not one: the CPU test target installs it
+    # to compile for TPU topologies ahead of time (tpu_plugin.tools.plan).
+    if device is None and _missing_tpu() is None:
         device = "tpu"
         os.environ["TPU_PLUGIN_DEVICE"] = device
     return PLATFORM_CLASS if device is not None else None

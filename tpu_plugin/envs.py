@@ -6,7 +6,9 @@ and the ``--device`` flag is turned into ``TPU_PLUGIN_DEVICE`` before the engine
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 DEVICES = ("tpu", "cpu", "gpu")
 MODEL_IMPLS = ("auto", "jax", "torchax")
@@ -26,6 +28,14 @@ def _choice(name: str, valid: tuple[str, ...], default: str | None) -> str | Non
 def device() -> str | None:
     """``TPU_PLUGIN_DEVICE``: tpu|cpu|gpu; the JAX backend to run on (set by ``--device``)."""
     return _choice("TPU_PLUGIN_DEVICE", DEVICES, None)
+
+
+def default_device(value: str) -> None:
+    """Sets ``TPU_PLUGIN_DEVICE`` to ``value`` unless the user set it (tools that run the
+    plugin in-process, e.g. the TPU planner on its host's CPU backend)."""
+    if value not in DEVICES:
+        raise ValueError(f"unknown device {value!r}; choose one of: {', '.join(DEVICES)}")
+    os.environ.setdefault("TPU_PLUGIN_DEVICE", value)
 
 
 def active_device() -> str:
@@ -94,3 +104,23 @@ def precompile() -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"TPU_PLUGIN_PRECOMPILE={value!r} is not valid; choose one of: 1, 0")
+
+
+@contextlib.contextmanager
+def kernel_override(*, attention: str, moe: str) -> Iterator[None]:
+    """Sets ``TPU_PLUGIN_ATTENTION`` and ``TPU_PLUGIN_MOE`` for the enclosed block, then
+    restores them: the TPU planner compiles the kernels a TPU host would pick from a process
+    whose own JAX backend is a CPU (``tpu_plugin.tools.tpu_aot.tpu_kernels``)."""
+    if attention not in ATTENTION_IMPLS or moe not in MOE_IMPLS:
+        raise ValueError(f"unknown kernel choice: attention={attention!r}, moe={moe!r}")
+    names = {"TPU_PLUGIN_ATTENTION": attention, "TPU_PLUGIN_MOE": moe}
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(names)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

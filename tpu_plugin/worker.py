@@ -24,6 +24,9 @@ from tpu_plugin.startup import StartupError, engine_startup_errors
 
 logger = init_logger(__name__)
 
+# Pages are ``[block, token, kv_head, dim]`` per layer: vLLM's ``LBNHC`` layout.
+KV_CACHE_LAYOUTS = ("LBNHC",)
+
 # TPU_PLUGIN_DEVICE -> the name JAX gives the backend
 JAX_PLATFORM = {"tpu": "tpu", "cpu": "cpu", "gpu": "cuda"}
 
@@ -58,6 +61,16 @@ def device_memory_in_use() -> int:
         return psutil.Process(os.getpid()).memory_info().rss
     stats = jax.devices()[0].memory_stats() or {}
     return int(stats.get("bytes_in_use", 0))
+
+
+def page_budget(device_bytes: int, kv_shards: int, device: str) -> int:
+    """The engine's KV page budget from one device's free bytes.
+
+    vLLM sizes a page with all KV heads; when the mesh splits every page over ``kv_shards``
+    devices, each holds ``1 / kv_shards`` of it, so the pages fit ``kv_shards`` times the
+    bytes. CPU devices share the host's memory, where one device's bytes are all of it.
+    """
+    return device_bytes * kv_shards if device != "cpu" else device_bytes
 
 
 class TpuPluginWorker(WorkerBase):
@@ -99,11 +112,14 @@ class TpuPluginWorker(WorkerBase):
         return self.model_runner.get_kv_cache_spec()
 
     def get_supported_kv_cache_layouts(self) -> list[str]:
-        """Pages are ``[block, token, kv_head, dim]`` per layer: vLLM's ``LBNHC`` layout."""
-        return ["LBNHC"]
+        return list(KV_CACHE_LAYOUTS)
 
     def determine_available_memory(self) -> int:
-        """Bytes for KV pages: the explicit option, else utilization x device memory - used."""
+        """Bytes for KV pages: the explicit option, else utilization x device memory - used.
+
+        Both are one device's bytes (vLLM's meaning); on TPU and GPU, pages split over the
+        mesh's KV heads make the engine's page budget that many times larger.
+        """
         with engine_startup_errors():
             explicit = self.cache_config.kv_cache_memory_bytes
             if explicit is not None:
@@ -120,9 +136,16 @@ class TpuPluginWorker(WorkerBase):
                         f"memory at --gpu-memory-utilization {utilization}); raise it or set "
                         "--kv-cache-memory-bytes"
                     )
+            budget = page_budget(budget, self._kv_page_shards(), envs.active_device())
             self._check_budget_holds_one_sequence(budget)
         logger.info("KV cache budget: %.2f GiB", budget / 2**30)
         return budget
+
+    def _kv_page_shards(self) -> int:
+        """Into how many parts the mesh splits every KV page (1 when replicated)."""
+        runner = self.model_runner
+        shape = (1, runner.block_size, runner.num_kv_heads, runner.head_dim)
+        return runner.sharding_plan.kv_shards(shape)
 
     def _check_budget_holds_one_sequence(self, budget: int) -> None:
         """Fails unless ``budget`` holds one ``max_model_len`` sequence (plus the null block).

@@ -65,12 +65,12 @@ def _kernel(
     block_end_seq_ref,  # [num_blocks]: one past the last such sequence
     # Inputs.
     q_ref,  # VMEM [bq, num_q_heads * head_dim]
-    k_hbm_ref,  # HBM [num_pages, page_size, num_kv_heads * head_dim]
+    k_hbm_ref,  # HBM [num_pages, page_size, num_kv_heads, head_dim]
     v_hbm_ref,
     # Output.
     o_ref,  # VMEM [bq, num_q_heads * head_dim]
     # Scratch.
-    k_buf,  # VMEM [2, bkv, num_kv_heads * head_dim]
+    k_buf,  # VMEM [2, bkv, num_kv_heads, head_dim]
     v_buf,
     sems,  # DMA [2 (slot), 2 (k, v)]
     m_ref,  # VMEM f32 [num_kv_heads, group * bq, 128]: running max (lane-replicated)
@@ -189,9 +189,8 @@ def _kernel(
         q_tile = q_ref[pl.ds(row0, tile), :]
         precision = lax.Precision.HIGHEST if q_tile.dtype == jnp.float32 else None
         for h in range(num_kv_heads):
-            lanes = pl.ds(h * head_dim, head_dim)
-            k = k_buf[slot, :, lanes]
-            v = jnp.where(copied, v_buf[slot, :, lanes], jnp.zeros((), v_buf.dtype))
+            k = k_buf[slot, :, h, :]
+            v = jnp.where(copied, v_buf[slot, :, h, :], jnp.zeros((), v_buf.dtype))
             heads = [(h * group + g) * head_dim for g in range(group)]
             q = jnp.concatenate([q_tile[:, c : c + head_dim] for c in heads], axis=0)
             scores = lax.dot_general(
@@ -412,12 +411,12 @@ def ragged_paged_attention(
     padded_tokens = num_blocks * bq
     bkv = pages_per_block * page_size
     width_q = num_q_heads * head_dim
-    width_kv = num_kv_heads * head_dim
 
     q2 = jnp.pad(queries.reshape(num_tokens, width_q), ((0, padded_tokens - num_tokens), (0, 0)))
-    # Free reshapes: a page row holds all KV heads side by side, so one DMA moves a whole page.
-    k3 = k_pages.reshape(num_pages, page_size, width_kv)
-    v3 = v_pages.reshape(num_pages, page_size, width_kv)
+    # The pages go in as they are, [pages, page_size, kv_heads, head_dim]: on TPU a reshape to
+    # [pages, page_size, kv_heads * head_dim] is a relayout of its tiles, i.e. a copy of the
+    # whole cache every layer and step (seen in the TPU compiler's memory analysis). One DMA
+    # still moves a whole page, all its KV heads.
     query_start_loc = query_start_loc.astype(jnp.int32)
     num_seqs = jnp.clip(jnp.reshape(num_seqs, (1,)).astype(jnp.int32), 0, max_num_seqs)
     first_seq, end_seq = block_seq_ranges(query_start_loc, num_seqs, num_blocks, bq)
@@ -447,8 +446,8 @@ def ragged_paged_attention(
         in_specs=[io_spec, pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
         out_specs=io_spec,
         scratch_shapes=[
-            pltpu.VMEM((2, bkv, width_kv), k_pages.dtype),
-            pltpu.VMEM((2, bkv, width_kv), v_pages.dtype),
+            pltpu.VMEM((2, bkv, num_kv_heads, head_dim), k_pages.dtype),
+            pltpu.VMEM((2, bkv, num_kv_heads, head_dim), v_pages.dtype),
             pltpu.SemaphoreType.DMA((2, 2)),
             pltpu.VMEM((num_kv_heads, rows, 128), jnp.float32),
             pltpu.VMEM((num_kv_heads, rows, 128), jnp.float32),
@@ -485,7 +484,7 @@ def ragged_paged_attention(
         first_seq,
         end_seq,
         q2,
-        k3,
-        v3,
+        k_pages,
+        v_pages,
     )
     return out[:num_tokens].reshape(num_tokens, num_q_heads, head_dim)

@@ -107,7 +107,15 @@ class BlockSizes:
 
 
 def detect_generation() -> str | None:
-    """The generation of the default JAX device, or None when it is not a TPU."""
+    """The TPU generation being compiled for, or None when it is not a TPU.
+
+    Inside ``jax.sharding.use_abstract_mesh`` over TPU devices (an ahead-of-time compile for
+    a TPU topology from a host without one) that is the mesh's device kind, so the block
+    sizes are those of the target chip; otherwise the default JAX device's.
+    """
+    target = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    if target is not None and target.platform == "tpu":
+        return target.device_kind
     device = jax.devices()[0]
     if device.platform != "tpu":
         return None
@@ -158,7 +166,9 @@ def vmem_footprint(
     group = num_q_heads // num_kv_heads
     bq, bkv = num_queries_per_block, num_kv_pages_per_block * page_size
     q_row = _round_up(num_q_heads * head_dim, LANES) * itemsize
-    kv_row = _round_up(num_kv_heads * head_dim, LANES) * itemsize
+    # A KV buffer row is one token's [kv_heads, head_dim] tile: kv_heads pad to the sublane
+    # tile, head_dim to the lanes.
+    kv_row = _round_up(num_kv_heads, min_row_tile(dtype)) * _round_up(head_dim, LANES) * itemsize
     rows = group * bq
     io_blocks = 2 * 2 * bq * q_row  # query and output blocks, double-buffered by Pallas
     kv_buffers = 2 * 2 * bkv * kv_row  # keys and values, two slots each

@@ -62,8 +62,11 @@ def attention_kernel() -> Callable[..., jax.Array]:
     if choice == "pallas" and backend == "gpu":
         return _gpu_kernel_or_reference
     from tpu_kernels.ragged_paged_attention import tpu
+    from tpu_plugin.parallel.shard_kernels import sharded_attention
 
-    return functools.partial(tpu.ragged_paged_attention, interpret=choice == "pallas-interpret")
+    # Per device under tensor parallelism: Mosaic kernels are not partitioned by XLA.
+    kernel = functools.partial(tpu.ragged_paged_attention, interpret=choice == "pallas-interpret")
+    return sharded_attention(kernel)
 
 
 def page_table_width_bucketed() -> bool:

@@ -89,7 +89,11 @@ def moe_kernel() -> Callable[..., jax.Array]:
         return xla.fused_moe
     if choice == "reference":
         return reference.fused_moe
-    return functools.partial(tpu.fused_moe, interpret=choice == "pallas-interpret")
+    from tpu_plugin.parallel.shard_kernels import sharded_moe
+
+    # Per device under expert parallelism: Mosaic kernels are not partitioned by XLA.
+    kernel = functools.partial(tpu.fused_moe, interpret=choice == "pallas-interpret")
+    return sharded_moe(kernel, xla.fused_moe)
 
 
 def _expert_param(shape: tuple[int, ...], dtype: jnp.dtype) -> nnx.Param:

@@ -27,6 +27,7 @@ instead (the run stays correct; :meth:`ShardingPlan.describe` shows the decision
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -131,8 +132,29 @@ class ShardingPlan:
             var.set_value(jax.device_put(var.get_value(), self.named(specs[name])))
         return params
 
+    def abstract_params(self, params: nnx.State) -> nnx.State:
+        """``params`` as ``jax.ShapeDtypeStruct`` leaves carrying the shardings
+        :meth:`shard_params` would give them: the parameters of an ahead-of-time compile
+        (the TPU planner) without any memory behind them."""
+        specs = self.describe(params)
+        flat = []
+        for path, var in nnx.to_flat_state(params):
+            value = var.get_value()
+            name = ".".join(str(p) for p in path)
+            abstract = jax.ShapeDtypeStruct(
+                value.shape, value.dtype, sharding=self.named(specs[name])
+            )
+            flat.append((path, var.replace(abstract)))
+        return nnx.from_flat_state(flat)
+
     def kv_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
         return self.named(kv_spec(shape, self.layout))
+
+    def kv_shards(self, shape: tuple[int, ...]) -> int:
+        """Into how many parts pages of ``shape`` are split across the devices (1: every
+        device holds all of them)."""
+        sharding = self.kv_sharding(shape)
+        return max(1, math.prod(shape) // math.prod(sharding.shard_shape(shape)))
 
     def constrain_kv(self, kv_caches: Any) -> Any:
         """Inside the jitted step: keeps the updated pages in their allocated sharding, so the

@@ -123,28 +123,31 @@ def step_buckets(
     return buckets
 
 
-def runtime_sampler_flags() -> bool:
-    """Whether the sampler decides ``all_greedy`` / ``use_top_k_top_p`` at run time.
+def runtime_sampler_flags(platform: str | None = None) -> bool:
+    """Whether the sampler decides ``all_greedy`` / ``use_top_k_top_p`` at run time on
+    ``platform`` (JAX's platform name; default: this process's backend).
 
     On the CPU a ``lax.cond`` costs nothing and every program costs seconds to compile, so one
     program per logprobs width serves all rows (4x fewer sampler programs). On GPU, XLA reads
     a conditional's predicate on the host, which would stall the asynchronous dispatch of
     every step; TPU and GPU keep one program per flag combination.
     """
-    return jax.default_backend() == "cpu"
+    return (platform or jax.default_backend()) == "cpu"
 
 
 _RUNTIME_FLAGS = ("all_greedy", "use_top_k_top_p")
 
 
-def program_flags(flags: dict[str, Any]) -> dict[str, Any]:
+def program_flags(flags: dict[str, Any], platform: str | None = None) -> dict[str, Any]:
     """The static flags of the sampler program that serves a step with ``flags``."""
-    if runtime_sampler_flags():
+    if runtime_sampler_flags(platform):
         return flags | dict.fromkeys(_RUNTIME_FLAGS)
     return flags
 
 
-def sampler_variants(max_logprobs: int, vocab_size: int, logprobs_mode: str) -> list[dict]:
+def sampler_variants(
+    max_logprobs: int, vocab_size: int, logprobs_mode: str, platform: str | None = None
+) -> list[dict]:
     """The static flags of ``sampler.sample`` that plain sampling requests can trigger.
 
     Mirrors ``JaxModelRunner._sampling_inputs`` through :func:`program_flags`: greedy or not,
@@ -152,7 +155,8 @@ def sampler_variants(max_logprobs: int, vocab_size: int, logprobs_mode: str) -> 
     step width (``max_logprobs``; a request asking for all logprobs, -1, makes it the
     vocabulary). Optional processors (penalties, logit bias, bad words, allowed ids,
     min-tokens, min-p, grammars) change the sampler's inputs, not these flags, and compile on
-    first use.
+    first use. ``platform``: the one the programs are for (the TPU planner compiles TPU
+    programs on a CPU host); default this process's backend.
     """
     widths = sorted({0, min(max(max_logprobs, 1), vocab_size)})
     if max_logprobs == -1:
@@ -164,7 +168,8 @@ def sampler_variants(max_logprobs: int, vocab_size: int, logprobs_mode: str) -> 
                 "use_top_k_top_p": top_k_top_p,
                 "num_logprobs": width,
                 "logprobs_mode": logprobs_mode,
-            }
+            },
+            platform,
         )
         for greedy in (True, False)
         for top_k_top_p in (False, True)

@@ -106,9 +106,29 @@ def allocate(
     shape = (config.num_blocks, block_size, num_kv_heads, head_dim)
     out_sharding = sharding(shape) if sharding is not None else None
     zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=out_sharding)
+    return _per_layer(zeros, num_layers, latent)
+
+
+def abstract_pages(
+    num_blocks: int,
+    block_size: int,
+    num_layers: int,
+    layout: CacheLayout,
+    dtype: Any,
+    sharding: Callable[[tuple[int, ...]], Any],
+) -> list[KVCache] | list[jax.ShapeDtypeStruct]:
+    """The pages :func:`allocate` would create, as ``jax.ShapeDtypeStruct`` with their
+    shardings: the KV argument of an ahead-of-time compile (the TPU planner), no memory."""
+    shape = (num_blocks, block_size, layout.num_kv_heads, layout.head_dim)
+    page = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding(shape))
+    return _per_layer(lambda: page, num_layers, layout.latent)
+
+
+def _per_layer(make: Callable[[], Any], num_layers: int, latent: bool) -> list:
+    """One page array per layer (MLA's latent cache) or a ``(k, v)`` pair per layer."""
     if latent:
-        return [zeros() for _ in range(num_layers)]
-    return [(zeros(), zeros()) for _ in range(num_layers)]
+        return [make() for _ in range(num_layers)]
+    return [(make(), make()) for _ in range(num_layers)]
 
 
 @jax.jit

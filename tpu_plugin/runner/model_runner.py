@@ -27,7 +27,8 @@ from vllm.v1.outputs import (
 from tpu_plugin.layers.attention import page_table_width_bucketed
 from tpu_plugin.models.loader import load_model, resolve_model_dir
 from tpu_plugin.models.registry import select_implementation
-from tpu_plugin.parallel import plan_for
+from tpu_plugin.parallel import ShardingPlan, plan_for
+from tpu_plugin.parallel.shard_kernels import sharded_step
 from tpu_plugin.runner import kv_cache
 from tpu_plugin.runner.async_output import AsyncStepOutput, record_tokens, start_host_copy
 from tpu_plugin.runner.compile import enable_persistent_cache, run_sampler, step_key
@@ -50,6 +51,31 @@ from tpu_plugin.runner.sampler import GREEDY_EPS, SamplingInputs, to_host
 from tpu_plugin.runner.spec_decode import SpecDecoder, SpecPlan
 
 logger = init_logger(__name__)
+
+
+def jitted_forward(
+    graphdef: nnx.GraphDef, plan: ShardingPlan, pooling: PoolingRunner | None = None
+) -> Any:
+    """The jitted step of a native model: ``(params, kv_caches, step) -> (kv_caches, logits)``.
+
+    The runner calls it with the loaded parameters, the TPU planner
+    (``tpu_plugin.tools.plan``) with abstract ones on a TPU topology: one definition, so
+    what the planner compiles is what serving runs. The KV pages are donated (updated in
+    place); the logits come back replicated over the mesh for the sampler. A pooling model's
+    step returns its pooled rows instead of logits (``pooling.py``).
+    """
+
+    def forward(params: Any, kv_caches: list, step: StepInputs) -> tuple[list, Any]:
+        step = merge_prev_tokens(step)
+        model = nnx.merge(graphdef, params)
+        with sharded_step(plan):  # Mosaic kernels run per device (parallel/shard_kernels.py)
+            kv_caches, hidden = model(kv_caches, step.input_ids, step.positions, step.attention)
+            if pooling is not None:
+                return plan.constrain_kv(kv_caches), pooling.rows(hidden, step)
+            logits = model.compute_logits(hidden[step.logits_indices])
+        return plan.constrain_kv(kv_caches), plan.logits(logits)
+
+    return jax.jit(forward, donate_argnums=(1,))
 
 
 class JaxModelRunner:
@@ -149,16 +175,7 @@ class JaxModelRunner:
         self.sharding_plan = plan
         self.params = plan.shard_params(self.params)
 
-        def forward(params: Any, kv_caches: list, step: StepInputs) -> tuple[list, jax.Array]:
-            step = merge_prev_tokens(step)
-            model = nnx.merge(graphdef, params)
-            kv_caches, hidden = model(kv_caches, step.input_ids, step.positions, step.attention)
-            if pooling is not None:
-                return plan.constrain_kv(kv_caches), pooling.rows(hidden, step)
-            logits = model.compute_logits(hidden[step.logits_indices])
-            return plan.constrain_kv(kv_caches), plan.logits(logits)
-
-        self._forward = jax.jit(forward, donate_argnums=(1,))
+        self._forward = jitted_forward(graphdef, plan, pooling)
         # Precompiled forward programs by step shape (precompile.precompile); Ray's wrapper below
         # converts inputs, so multi-process runs compile on first use instead.
         self._aot_forward = None if plan.multi_process else self._forward
