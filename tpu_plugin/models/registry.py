@@ -32,9 +32,6 @@ _JAX_MODELS: dict[str, str] = {
     "XLMRobertaModel": "tpu_plugin.models.bert:RobertaModel",
 }
 
-# Ports that run only as pooling models (no language-model head).
-POOLING_ONLY = frozenset({"BertModel", "RobertaModel", "XLMRobertaModel"})
-
 
 def supported_architectures() -> list[str]:
     """The architectures with a native JAX port, sorted."""
