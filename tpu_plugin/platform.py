@@ -187,10 +187,14 @@ class TpuPluginPlatform(Platform):
         model_config = vllm_config.model_config
         if model_config is not None:
             check_architecture(list(model_config.architectures or []))
-            if model_config.runner_type != "generate":
+            if model_config.runner_type == "pooling":  # tpu_plugin/runner/pooling.py
+                from tpu_plugin.runner.pooling import check_pooling_config
+
+                check_pooling_config(vllm_config)
+            elif model_config.runner_type != "generate":
                 raise ValueError(
-                    "tpu-plugin runs generative models only "
-                    f"(got runner {model_config.runner_type!r})"
+                    "tpu-plugin runs generative and pooling models only "
+                    f"(got runner {model_config.runner_type!r}); use --runner generate or pooling"
                 )
 
         # Parallelism (tpu_plugin/parallel): one JAX process drives all devices of its host, so

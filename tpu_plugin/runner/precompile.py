@@ -205,6 +205,8 @@ def precompile(runner: Any) -> float:
         runner.model_config.logprobs_mode,
     )
     seq_buckets = sorted({b.seqs for b in buckets})
+    if getattr(runner, "pooling", None) is not None:  # pooling models sample nothing
+        variants, seq_buckets = [], []
     workers = compile_workers()
     logger.info(
         "precompiling %d forward buckets (tokens %d..%d, %d sequence buckets, page widths "
@@ -321,7 +323,7 @@ def _build_programs(
         lower = functools.partial(lower_forward, runner._aot_forward)
         forwards[step_key(step)] = program("forward", (shared, describe(step)), args, lower)
     samplers, token_ids = {}, {}
-    for seqs in sorted({b.seqs for b in buckets}):
+    for seqs in sorted({b.seqs for b in buckets}) if variants else []:
         # A real forward's logits: the sampler programs are built for exactly its output.
         step = make_step(next(b for b in buckets if b.seqs == seqs))
         forward = forwards[step_key(step)].result()
