@@ -29,7 +29,7 @@ from flax import nnx
 
 from tpu_kernels.ragged_paged_attention import reference, xla
 from tpu_plugin import envs
-from tpu_plugin.layers.linear import Linear
+from tpu_plugin.layers.linear import FusedLinear, Linear, grouped_qkv
 from tpu_plugin.layers.norm import RMSNorm
 from tpu_plugin.layers.rope import RotaryEmbedding
 
@@ -166,18 +166,20 @@ class AttentionSpec:
 
 
 class SelfAttention(nnx.Module):
-    """q/k/v projections, optional q/k norm, rope, paged attention, output projection.
+    """Fused q/k/v projection, optional q/k norm, rope, paged attention, output projection.
 
-    Parameter names follow Hugging Face (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``,
-    ``q_norm``, ``k_norm``), so checkpoints load by name.
+    ``qkv_proj`` is one matmul whose weight ``[kv_heads, (group + 2) * head_dim, hidden]``
+    the loader builds from the checkpoint's ``q_proj``/``k_proj``/``v_proj`` (or cuts from
+    Phi-3's fused ``qkv_proj``), grouped by KV head so that tensor parallelism splits it into
+    whole heads (:func:`tpu_plugin.layers.linear.grouped_qkv`). The other parameter names
+    follow Hugging Face (``o_proj``, ``q_norm``, ``k_norm``).
     """
 
     def __init__(self, spec: AttentionSpec, dtype: jnp.dtype):
         self.spec = spec
-        q_dim, kv_dim = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        self.q_proj = Linear(spec.hidden_size, q_dim, dtype, bias=spec.qkv_bias)
-        self.k_proj = Linear(spec.hidden_size, kv_dim, dtype, bias=spec.qkv_bias)
-        self.v_proj = Linear(spec.hidden_size, kv_dim, dtype, bias=spec.qkv_bias)
+        fusion = grouped_qkv(spec.num_heads, spec.num_kv_heads, spec.head_dim)
+        self.qkv_proj = FusedLinear(spec.hidden_size, fusion, dtype, bias=spec.qkv_bias)
+        q_dim = spec.num_heads * spec.head_dim
         self.o_proj = Linear(q_dim, spec.hidden_size, dtype, bias=spec.o_bias)
         if spec.qk_norm_eps is not None:
             eps, offset = spec.qk_norm_eps, spec.qk_norm_offset
@@ -190,9 +192,10 @@ class SelfAttention(nnx.Module):
         self, x: jax.Array, positions: jax.Array, kv_cache: KVCache, md: AttentionMetadata
     ) -> tuple[jax.Array, KVCache]:
         spec, tokens = self.spec, x.shape[0]
-        q = self.q_proj(x).reshape(tokens, spec.num_heads, spec.head_dim)
-        k = self.k_proj(x).reshape(tokens, spec.num_kv_heads, spec.head_dim)
-        v = self.v_proj(x).reshape(tokens, spec.num_kv_heads, spec.head_dim)
+        q, k, v = self.qkv_proj.parts(x)
+        q = q.reshape(tokens, spec.num_heads, spec.head_dim)
+        k = k.reshape(tokens, spec.num_kv_heads, spec.head_dim)
+        v = v.reshape(tokens, spec.num_kv_heads, spec.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = spec.rope(q, positions), spec.rope(k, positions)

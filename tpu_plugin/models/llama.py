@@ -7,8 +7,9 @@ class-level hooks (:meth:`~LlamaForCausalLM.attention_spec`,
 :meth:`~LlamaForCausalLM.compute_logits`, :meth:`~LlamaForCausalLM.fused_checkpoint_tensors`),
 never the forward loop, so what the runner calls is the same for every family.
 
-Module and parameter names mirror the Hugging Face checkpoint (``model.layers.3.self_attn.q_proj
-.weight``), so weights load by name with no mapping table. Layers are separate modules, not a
+Module and parameter names mirror the Hugging Face checkpoint (``model.layers.3.self_attn.o_proj
+.weight``), so weights load by name with no mapping table; the fused projections
+(``self_attn.qkv_proj``, ``mlp.gate_up_proj``) are built by the loader from their parts' names. Layers are separate modules, not a
 ``lax.scan`` over stacked weights: on GPU the scan measured 2.4x slower at batch 1.
 """
 
@@ -114,12 +115,13 @@ class LlamaForCausalLM(nnx.Module):
 
     @classmethod
     def fused_checkpoint_tensors(cls, cfg: Any) -> dict[str, list[tuple[str, int]]]:
-        """Checkpoint modules whose tensors stack several of this port's modules on axis 0.
+        """Checkpoint modules renamed, or cut on axis 0 into several of this port's modules.
 
-        ``{"self_attn.qkv_proj": [("self_attn.q_proj", rows), ...]}`` makes the loader cut
-        ``model.layers.N.self_attn.qkv_proj.{weight,bias}`` into ``q_proj``/``k_proj``/...
-        ``rows`` each, in order; a single entry is a plain rename. A checkpoint that already
-        has the split names loads as is, so both layouts work. Llama needs none.
+        ``{"mlp.gate": [("block_sparse_moe.gate", rows)]}`` renames (a single entry);
+        several entries cut ``model.layers.N.<key>.{weight,bias}`` into the parts, ``rows``
+        each, in order. Fused projections need no entry: the loader finds them in the model
+        (:class:`tpu_plugin.layers.linear.FusedLinear`) and takes both their parts and a
+        checkpoint's concatenated fused tensor (Phi-3). Llama needs none.
         """
         return {}
 
