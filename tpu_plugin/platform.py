@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 logger = init_logger(__name__)
 
 WORKER_CLASS = "tpu_plugin.worker.TpuPluginWorker"
+# The CPU's default step size: tokens per core (512 on 2 cores), see cpu_batch_defaults().
+CPU_TOKENS_PER_CORE = 256
 
 
 def unsupported_sampling_fields(params: SamplingParams) -> list[str]:
@@ -44,6 +46,36 @@ def unsupported_sampling_fields(params: SamplingParams) -> list[str]:
         "logits_processors": bool(getattr(params, "logits_processors", None)),
     }
     return [name for name, used in checks.items() if used]
+
+
+def cpu_batch_defaults() -> None:
+    """Gives ``--max-num-batched-tokens`` a CPU-sized default on the CPU backend.
+
+    Without the flag vLLM sizes a step for a GPU (8192 tokens for ``vllm.LLM``, 2048 for
+    ``vllm serve``; its own CPU backend 4096 / 2048). Here every power-of-two token bucket up
+    to that is one more program precompiled at start-up (seconds each on 2 cores), and an
+    8192-token step of a 135M model takes tens of seconds on 2 cores while other requests wait
+    for it; 256 tokens per core already keep the cores busy. vLLM reads per-device defaults
+    from ``EngineArgs.get_batch_defaults``, which knows only its own platforms, so the plugin
+    wraps it once: on CPU the token default becomes ``min(vLLM's, 256 x cores)``, at least 256.
+    An explicit ``--max-num-batched-tokens`` wins as always; ``max_num_seqs`` keeps vLLM's
+    default.
+    """
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.get_batch_defaults.__func__
+    if getattr(original, "_tpu_plugin", False):
+        return
+
+    def get_batch_defaults(cls: type, world_size: int) -> tuple[dict, dict]:
+        tokens, seqs = original(cls, world_size)
+        if envs.active_device() == "cpu":
+            cap = max(256, CPU_TOKENS_PER_CORE * (os.cpu_count() or 1))
+            tokens = {context: min(value, cap) for context, value in tokens.items()}
+        return tokens, seqs
+
+    get_batch_defaults._tpu_plugin = True  # type: ignore[attr-defined]
+    EngineArgs.get_batch_defaults = classmethod(get_batch_defaults)  # type: ignore[method-assign]
 
 
 class TpuPluginPlatform(Platform):
@@ -110,11 +142,13 @@ class TpuPluginPlatform(Platform):
 
     @classmethod
     def pre_register_and_update(cls, parser: argparse.ArgumentParser | None = None) -> None:
-        """Shows the restored ``--device`` flag in ``vllm serve --help``.
+        """Shows the restored ``--device`` flag in ``vllm serve --help``, and sets the CPU's
+        step-size default (:func:`cpu_batch_defaults`) before vLLM fills in its defaults.
 
         The flag itself is consumed during platform detection (before parsing), see
         :func:`tpu_plugin.take_device_flag`; this entry only documents it.
         """
+        cpu_batch_defaults()
         if parser is None:
             return
         try:
@@ -153,10 +187,14 @@ class TpuPluginPlatform(Platform):
         model_config = vllm_config.model_config
         if model_config is not None:
             check_architecture(list(model_config.architectures or []))
-            if model_config.runner_type != "generate":
+            if model_config.runner_type == "pooling":  # tpu_plugin/runner/pooling.py
+                from tpu_plugin.runner.pooling import check_pooling_config
+
+                check_pooling_config(vllm_config)
+            elif model_config.runner_type != "generate":
                 raise ValueError(
-                    "tpu-plugin runs generative models only "
-                    f"(got runner {model_config.runner_type!r})"
+                    "tpu-plugin runs generative and pooling models only "
+                    f"(got runner {model_config.runner_type!r}); use --runner generate or pooling"
                 )
 
         # Parallelism (tpu_plugin/parallel): one JAX process drives all devices of its host, so

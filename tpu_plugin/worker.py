@@ -200,7 +200,7 @@ class TpuPluginWorker(WorkerBase):
         return self.model_runner.take_draft_token_ids() if self.model_runner else None
 
     def get_supported_tasks(self) -> tuple[str, ...]:
-        return ("generate",)
+        return self.model_runner.supported_tasks()
 
     def get_cache_block_size_bytes(self) -> int:
         specs = self.get_kv_cache_spec()

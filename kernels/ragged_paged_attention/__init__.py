@@ -13,5 +13,7 @@ The layout shared by every implementation (``reference``, ``tpu``, ``gpu``):
 Query head ``h`` reads KV head ``h // (num_q_heads // num_kv_heads)`` (grouped-query attention).
 A query at absolute position ``p`` attends keys ``k <= p`` (causal), and with a sliding window
 ``W`` only keys ``k > p - W``. The soft cap, when set, maps a scaled score ``s`` to
-``cap * tanh(s / cap)`` before the softmax.
+``cap * tanh(s / cap)`` before the softmax. The reference alone also takes ``causal=False``
+(encoders: every token sees all ``kv_lens`` keys of its sequence); the TPU and GPU kernels
+refuse it by name.
 """

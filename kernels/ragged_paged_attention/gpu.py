@@ -283,6 +283,7 @@ def merge_splits(m: jax.Array, denom: jax.Array, acc: jax.Array) -> jax.Array:
         "sm_scale",
         "sliding_window",
         "soft_cap",
+        "causal",
         "block_q",
         "num_kv_pages_per_block",
         "num_kv_splits",
@@ -303,6 +304,7 @@ def ragged_paged_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    causal: bool = True,
     block_q: int | None = None,
     num_kv_pages_per_block: int | None = None,
     num_kv_splits: int | None = None,
@@ -330,6 +332,8 @@ def ragged_paged_attention(
         page_indices,
         query_start_loc,
         sliding_window=sliding_window,
+        causal=causal,
+        implementation="the GPU kernel",
     )
     num_tokens, num_q_heads, head_dim = queries.shape
     num_pages, page_size, num_kv_heads, _ = k_pages.shape

@@ -79,9 +79,13 @@ def ragged_paged_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    causal: bool = True,
     token_block: int = DEFAULT_TOKEN_BLOCK,
 ) -> jax.Array:
     """Attention of every packed token against its own sequence's paged KV (see package doc).
+
+    ``causal=False`` is bidirectional attention (encoders such as BERT): every token of a
+    sequence sees all ``kv_lens`` keys of it, later ones included.
 
     Returns ``[num_tokens, num_q_heads, head_dim]`` in the queries' dtype; rows of padding
     tokens are zero.
@@ -94,6 +98,7 @@ def ragged_paged_attention(
         page_indices,
         query_start_loc,
         sliding_window=sliding_window,
+        causal=causal,
     )
     num_tokens, num_q_heads, head_dim = queries.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
@@ -128,7 +133,10 @@ def ragged_paged_attention(
         ) * jnp.float32(sm_scale)
         if soft_cap is not None:
             scores = jnp.float32(soft_cap) * jnp.tanh(scores / jnp.float32(soft_cap))
-        visible = key_position[None, :] <= pos[:, None]
+        if causal:
+            visible = key_position[None, :] <= pos[:, None]
+        else:  # the whole sequence, this step's later tokens included
+            visible = key_position[None, :] < kv_lens[seq][:, None]
         if sliding_window is not None:
             visible &= key_position[None, :] > pos[:, None] - sliding_window
         visible &= real[:, None]

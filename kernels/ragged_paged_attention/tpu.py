@@ -327,6 +327,7 @@ def block_seq_ranges(
         "sm_scale",
         "sliding_window",
         "soft_cap",
+        "causal",
         "num_queries_per_block",
         "num_kv_pages_per_block",
         "vmem_limit_bytes",
@@ -347,6 +348,7 @@ def ragged_paged_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    causal: bool = True,
     num_queries_per_block: int | None = None,
     num_kv_pages_per_block: int | None = None,
     vmem_limit_bytes: int | None = None,
@@ -373,6 +375,8 @@ def ragged_paged_attention(
         page_indices,
         query_start_loc,
         sliding_window=sliding_window,
+        causal=causal,
+        implementation="the TPU kernel",
     )
     num_tokens, num_q_heads, head_dim = queries.shape
     num_pages, page_size, num_kv_heads, _ = k_pages.shape

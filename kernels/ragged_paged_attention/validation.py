@@ -19,9 +19,15 @@ def check_arguments(
     query_start_loc: jax.Array,
     *,
     sliding_window: int | None,
+    causal: bool = True,
+    implementation: str | None = None,
 ) -> int:
     """Raises ``ValueError`` naming the fix for inconsistent shapes or options; returns the
-    group (query heads per KV head)."""
+    group (query heads per KV head).
+
+    ``implementation`` names a kernel that attends causally only (``"the TPU kernel"``): a
+    non-causal call to it fails here with that name rather than computing the wrong mask.
+    """
     if queries.ndim != 3:
         raise ValueError(
             f"queries must be [num_tokens, num_q_heads, head_dim], got shape {queries.shape}"
@@ -48,6 +54,13 @@ def check_arguments(
             f"max_num_seqs = {max_num_seqs} (page_indices' rows), got {kv_lens.shape} and "
             f"{query_start_loc.shape}"
         )
+    if not causal and implementation is not None:
+        raise ValueError(
+            f"{implementation} attends causally only; bidirectional (encoder) attention runs "
+            "through tpu_kernels.ragged_paged_attention.reference"
+        )
+    if not causal and sliding_window is not None:
+        raise ValueError("a sliding window needs causal attention; pass causal=True or no window")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be a positive number of keys, got {sliding_window}")
     return num_q_heads // num_kv_heads

@@ -84,6 +84,22 @@ def test_no_compilation_while_serving(tmp_path, monkeypatch, make_llm, compile_c
     print(f"start-up compiled {at_start} programs; serving compiled {during}")
     assert during == 0, f"{during} programs compiled while serving"
 
+    # A processor start-up does not precompile (penalties): compiled on first use for each
+    # shape the request meets (its prefill and its decode), counted and logged once; the same
+    # request again compiles nothing more.
+    penalty = SamplingParams(temperature=0.0, max_tokens=4, repetition_penalty=1.3)
+    run((7,), penalty)
+    lazy = llm.collective_rpc(_lazy_compiles)[0]
+    assert lazy and all(kind == "sampler" and key[-1] == ("penalties",) for kind, key in lazy)
+    after_first = len(compile_counter)
+    run((7,), penalty)
+    assert llm.collective_rpc(_lazy_compiles)[0] == lazy
+    assert len(compile_counter) == after_first
+
+
+def _lazy_compiles(worker) -> list:
+    return sorted(worker.model_runner._lazy.seen, key=repr)
+
 
 def _cache_counts(worker) -> dict[str, int]:
     cache = worker.model_runner._executable_cache

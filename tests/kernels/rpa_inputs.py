@@ -134,8 +134,12 @@ def naive_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    causal: bool = True,
 ) -> np.ndarray:
-    """The definition, one token and one head at a time, in float64 (inputs rounded to dtype)."""
+    """The definition, one token and one head at a time, in float64 (inputs rounded to dtype).
+
+    ``causal=False``: every token sees all ``kv_len`` keys of its sequence.
+    """
 
     def as_f64(x: np.ndarray) -> np.ndarray:
         return np.asarray(jnp.asarray(x, batch.dtype).astype(jnp.float32), np.float64)
@@ -159,13 +163,14 @@ def naive_attention(
         for t in range(start, end):
             position = kv_len - (end - start) + (t - start)
             lo = 0 if sliding_window is None else max(0, position - sliding_window + 1)
+            hi = position + 1 if causal else kv_len
             for h in range(num_q_heads):
                 kv_head = h // group
-                scores = keys[lo : position + 1, kv_head] @ q[t, h] * sm_scale
+                scores = keys[lo:hi, kv_head] @ q[t, h] * sm_scale
                 if soft_cap is not None:
                     scores = soft_cap * np.tanh(scores / soft_cap)
                 weights = np.exp(scores - scores.max())
-                out[t, h] = weights @ values[lo : position + 1, kv_head] / weights.sum()
+                out[t, h] = weights @ values[lo:hi, kv_head] / weights.sum()
     return out
 
 

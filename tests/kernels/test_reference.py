@@ -174,3 +174,34 @@ def test_write_then_attend_sees_current_tokens():
     )
     batch.k_pages, batch.v_pages = np.asarray(k), np.asarray(v)
     check(batch, FP32_TOL, sm_scale=0.1)
+
+
+@pytest.mark.parametrize("mix", ["prefill_only", "chunked_prefill", "mixed"])
+def test_bidirectional(mix):
+    """``causal=False`` (encoders): every token sees its whole sequence, later keys included,
+    and still nothing of other sequences or of the padding."""
+    batch = make_batch(seed_of("bidirectional", mix), MIXES[mix], page_size=8)
+    check(batch, FP32_TOL, sm_scale=0.2, causal=False)
+    causal = reference_attention(batch, sm_scale=0.2)
+    bidirectional = reference_attention(batch, sm_scale=0.2, causal=False)
+    # A sequence's last token sees every key either way; its earlier tokens do not.
+    last = int(batch.query_start_loc[1]) - 1
+    np.testing.assert_allclose(bidirectional[last], causal[last], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(bidirectional[: last - 1], causal[: last - 1])
+
+
+def test_bidirectional_refuses_a_window():
+    batch = make_batch(seed_of("bidirectional-window"), MIXES["prefill_only"])
+    with pytest.raises(ValueError, match="sliding window needs causal attention"):
+        reference_attention(batch, sm_scale=0.1, causal=False, sliding_window=4)
+
+
+@pytest.mark.parametrize("kernel", ["tpu", "gpu"])
+def test_pallas_kernels_refuse_bidirectional(kernel):
+    """The Pallas kernels mask causally only: asked for more, they say so by name."""
+    import importlib
+
+    module = importlib.import_module(f"tpu_kernels.ragged_paged_attention.{kernel}")
+    batch = make_batch(seed_of("refuse", kernel), MIXES["prefill_only"])
+    with pytest.raises(ValueError, match=f"the {kernel.upper()} kernel attends causally only"):
+        module.ragged_paged_attention(*batch.args(), sm_scale=0.1, causal=False, interpret=True)

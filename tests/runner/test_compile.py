@@ -85,17 +85,17 @@ def test_bucket_counts_stay_small():
 
 
 def test_sampler_variants_with_flags_decided_at_run_time():
-    """On the CPU (the test backend) greedy and top-k/top-p are decided inside the program:
-    one variant per logprobs width."""
+    """On the CPU (the test backend) greedy, top-k/top-p and whether to compute logprobs are
+    decided inside the program: one variant, at the step's logprobs width."""
     variants = sampler_variants(20, 512, "raw_logprobs")
     assert [(v["all_greedy"], v["use_top_k_top_p"], v["num_logprobs"]) for v in variants] == [
-        (None, None, 0),
-        (None, None, 20),
+        (None, None, 20)
     ]
+    assert sampler_variants(-1, 512, "raw_logprobs")[0]["num_logprobs"] == 512
 
 
 def test_sampler_variants_cover_the_static_flags(monkeypatch):
-    monkeypatch.setattr(compile_module, "runtime_sampler_flags", lambda: False)
+    monkeypatch.setattr(compile_module, "runtime_sampler_flags", lambda platform=None: False)
     variants = sampler_variants(20, 512, "raw_logprobs")
     assert len(variants) == 8
     assert {v["num_logprobs"] for v in variants} == {0, 20}

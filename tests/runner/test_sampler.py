@@ -419,3 +419,26 @@ def test_flags_decided_at_run_time_equal_the_static_program(
             np.testing.assert_allclose(other, value, rtol=1e-5, atol=1e-6, err_msg=name)
         else:
             np.testing.assert_array_equal(other, value, name)
+
+
+@pytest.mark.parametrize("wanted", [[False] * 8, [True] + [False] * 7])
+def test_logprobs_decided_at_run_time(logits, wanted):
+    """``want_logprobs`` rows: logprobs as the static program computes them when any row asks,
+    zeros (and the same tokens) when none does."""
+    params = inputs(8, temperature=np.array([0.0, 0.9] * 4), seeds=np.arange(8))
+    static = run(logits, params, num_logprobs=5, all_greedy=False, use_top_k_top_p=False)
+    got = run(
+        logits,
+        params._replace(want_logprobs=np.asarray(wanted)),
+        num_logprobs=5,
+        all_greedy=None,
+        use_top_k_top_p=None,
+    )
+    np.testing.assert_array_equal(np.asarray(got.token_ids), np.asarray(static.token_ids))
+    if any(wanted):
+        np.testing.assert_allclose(
+            np.asarray(got.topk_logprobs), np.asarray(static.topk_logprobs), rtol=1e-5
+        )
+        np.testing.assert_array_equal(np.asarray(got.topk_ids), np.asarray(static.topk_ids))
+    else:
+        assert not np.any(np.asarray(got.topk_logprobs)) and not np.any(np.asarray(got.topk_ids))

@@ -119,6 +119,29 @@ def paged_attention(
     return out, (k_pages, v_pages)
 
 
+def encoder_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kv_cache: KVCache,
+    md: AttentionMetadata,
+    *,
+    sm_scale: float,
+) -> tuple[jax.Array, KVCache]:
+    """Bidirectional attention of an encoder step: every input is whole in the step, so its
+    keys and values are the step's own and the pages are neither read nor written.
+
+    The page table's width bounds the longest input (``tpu_kernels.bidirectional_attention``).
+    """
+    from tpu_kernels.bidirectional_attention.xla import bidirectional_attention
+
+    max_seq_len = md.page_indices.shape[1] * kv_cache[0].shape[1]
+    out = bidirectional_attention(
+        q, k, v, md.query_start_loc, md.num_seqs, sm_scale=sm_scale, max_seq_len=max_seq_len
+    )
+    return out, kv_cache
+
+
 def sliding_window_of(hf_config: Any, layer_idx: int) -> int | None:
     """Layer ``layer_idx``'s window as Hugging Face applies it, or ``None`` for full attention.
 

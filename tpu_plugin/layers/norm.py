@@ -1,4 +1,4 @@
-"""RMS normalisation, computed in float32 whatever the activation dtype (as HF does)."""
+"""RMS and layer normalisation, computed in float32 whatever the activation dtype (as HF does)."""
 
 from __future__ import annotations
 
@@ -20,3 +20,20 @@ class RMSNorm(nnx.Module):
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         scale = self.weight[...].astype(jnp.float32) + self.weight_offset
         return (normed * scale).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` (BERT-style encoders), in float32."""
+
+    def __init__(self, dim: int, eps: float, dtype: jnp.dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        normed = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        out = normed * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return out.astype(x.dtype)

@@ -249,10 +249,47 @@ class _Fuser:
         return fusion.pack([parts[i] for i in range(len(fusion.parts))])
 
 
-def load_model(model_dir: str, hf_config: Any, dtype: jnp.dtype) -> nnx.Module:
-    """The architecture's flax model with the checkpoint's weights, in ``dtype``."""
+# Prefixes a checkpoint may carry around the port's names: base-model checkpoints of decoders
+# (embedding models such as Qwen3-Embedding, saved from ``Qwen3Model``) lack ``model.``;
+# encoders saved from a task model (``BertForMaskedLM``) add ``bert.`` / ``roberta.``.
+_MISSING_PREFIXES = ("model.",)
+_EXTRA_PREFIXES = ("bert.", "roberta.", "model.")
+
+
+def checkpoint_renamer(names: list[str], wanted: set[str]) -> Any:
+    """``name -> port name`` for a checkpoint whose tensors sit under a different prefix.
+
+    Decided once for the whole checkpoint (a prefix is added or stripped only where the plain
+    names match nothing the port has), so a name never silently lands on a wrong parameter.
+    """
+
+    def hits(rename: Any) -> int:
+        return sum(rename(n) in wanted for n in names)
+
+    candidates = [lambda n: n]
+    candidates += [lambda n, p=p: n if n.startswith(p) else p + n for p in _MISSING_PREFIXES]
+    candidates += [lambda n, p=p: n.removeprefix(p) for p in _EXTRA_PREFIXES]
+    return max(candidates, key=hits)  # the first best: plain names win ties
+
+
+def load_model(
+    model_dir: str, hf_config: Any, dtype: jnp.dtype, *, drop: tuple[str, ...] = ()
+) -> nnx.Module:
+    """The architecture's flax model with the checkpoint's weights, in ``dtype``.
+
+    ``drop`` names top-level modules the caller never runs (a pooling model's ``lm_head``):
+    they are removed before loading, so the checkpoint need not have them.
+    """
     model_class = resolve_model_class(list(hf_config.architectures or []))
-    abstract = nnx.eval_shape(lambda: model_class(hf_config, dtype))
+
+    def build() -> nnx.Module:
+        model = model_class(hf_config, dtype)
+        for name in drop:
+            if getattr(model, name, None) is not None:
+                delattr(model, name)
+        return model
+
+    abstract = nnx.eval_shape(build)
     graphdef, state = nnx.split(abstract)
     wanted = {_param_name(path): leaf for path, leaf in nnx.to_flat_state(state)}
     fused = model_class.fused_checkpoint_tensors(hf_config)
@@ -262,13 +299,20 @@ def load_model(model_dir: str, hf_config: Any, dtype: jnp.dtype) -> nnx.Module:
 
     loaded: dict[str, jax.Array] = {}
     unexpected: list[str] = []
-    for file in checkpoint_files(model_dir):
+    files = checkpoint_files(model_dir)
+    names: list[str] = []
+    for file in files:
         with safe_open(file, framework="flax") as reader:
-            for name in reader.keys():  # noqa: SIM118 (safe_open is not a dict)
+            names += list(reader.keys())  # noqa: SIM118 (safe_open is not a dict)
+    rename = checkpoint_renamer(names, set(wanted) | set(fuser.part_of))
+    for file in files:
+        with safe_open(file, framework="flax") as reader:
+            for stored in reader.keys():  # noqa: SIM118 (safe_open is not a dict)
+                name = rename(stored)
                 hit = stacker.match(name)
                 if hit is not None and hit[0] in wanted:
                     expected = tuple(wanted[hit[0]].get_value().shape)
-                    tensor = reader.get_tensor(name).astype(wanted[hit[0]].get_value().dtype)
+                    tensor = reader.get_tensor(stored).astype(wanted[hit[0]].get_value().dtype)
                     stacker.add(name, tensor, hit, expected)
                     continue
                 targets = split_targets(name, fused)
@@ -276,7 +320,7 @@ def load_model(model_dir: str, hf_config: Any, dtype: jnp.dtype) -> nnx.Module:
                     if not name.endswith(_IGNORED_SUFFIXES):
                         unexpected.append(name)
                     continue
-                tensor = reader.get_tensor(name)
+                tensor = reader.get_tensor(stored)
                 for (target, _), part in zip(targets, _cut(name, tensor, targets), strict=True):
                     if fuser.take(target, part, wanted):
                         continue

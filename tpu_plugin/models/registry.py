@@ -21,6 +21,15 @@ _JAX_MODELS: dict[str, str] = {
     "Qwen2ForCausalLM": "tpu_plugin.models.llama:Qwen2ForCausalLM",
     "Qwen3ForCausalLM": "tpu_plugin.models.qwen3:Qwen3ForCausalLM",
     "Qwen3MoeForCausalLM": "tpu_plugin.models.qwen3_moe:Qwen3MoeForCausalLM",
+    # Pooling models (--runner pooling; tpu_plugin/runner/pooling.py). Decoder embedding
+    # checkpoints saved from the base model ("LlamaModel": no lm_head, no "model." prefix) use
+    # the decoder ports; the BERT family is an encoder port.
+    "BertModel": "tpu_plugin.models.bert:BertModel",
+    "LlamaModel": "tpu_plugin.models.llama:LlamaForCausalLM",
+    "MistralModel": "tpu_plugin.models.mistral:MistralForCausalLM",
+    "Qwen2Model": "tpu_plugin.models.llama:Qwen2ForCausalLM",
+    "RobertaModel": "tpu_plugin.models.bert:RobertaModel",
+    "XLMRobertaModel": "tpu_plugin.models.bert:RobertaModel",
 }
 
 

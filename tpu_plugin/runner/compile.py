@@ -123,6 +123,14 @@ def step_buckets(
     return buckets
 
 
+def logprobs_width(max_logprobs: int, vocab_size: int, requested: int = -1) -> int:
+    """The top-k width of a step's logprobs: ``max_logprobs`` unless a request asks for more
+    (vLLM's -1 = the whole vocabulary, as is ``max_logprobs`` -1)."""
+    if max_logprobs == -1 or requested >= vocab_size:
+        return vocab_size
+    return min(max(requested, max_logprobs, 1), vocab_size)
+
+
 def runtime_sampler_flags(platform: str | None = None) -> bool:
     """Whether the sampler decides ``all_greedy`` / ``use_top_k_top_p`` at run time on
     ``platform`` (JAX's platform name; default: this process's backend).
@@ -158,9 +166,10 @@ def sampler_variants(
     first use. ``platform``: the one the programs are for (the TPU planner compiles TPU
     programs on a CPU host); default this process's backend.
     """
-    widths = sorted({0, min(max(max_logprobs, 1), vocab_size)})
-    if max_logprobs == -1:
-        widths = sorted({0, vocab_size})
+    width = logprobs_width(max_logprobs, vocab_size)
+    # Where flags are decided at run time the rows also say whether logprobs are wanted: one
+    # program at the step width serves both (sampler.SamplingInputs.want_logprobs).
+    widths = [width] if runtime_sampler_flags(platform) else [0, width]
     variants = [
         program_flags(
             {
@@ -238,7 +247,7 @@ def step_key(step: Any) -> tuple[int, int, int, int]:
 
 
 # SamplingInputs' fields every step has; the rest are optional processors (None when unused).
-_PLAIN_SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "seeds", "draws")
+_PLAIN_SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "seeds", "draws", "want_logprobs")
 
 
 def sampler_key(logits: Any, inputs: Any, flags: dict[str, Any]) -> tuple | None:
@@ -259,12 +268,46 @@ def sampler_key(logits: Any, inputs: Any, flags: dict[str, Any]) -> tuple | None
     )
 
 
-def run_sampler(programs: dict, logits: Any, inputs: Any, flags: dict[str, Any]) -> Any:
+class LazyCompiles:
+    """Programs a serving run compiles because start-up did not: counted and logged once each.
+
+    Precompilation covers plain sampling at every bucket; a request with penalties, logit bias,
+    bad words, allowed ids, min-tokens, min-p, a grammar, or more logprobs than
+    ``max_logprobs`` needs a sampler program of its own (README, "Shapes are bucketed").
+    """
+
+    def __init__(self) -> None:
+        self.seen: set[tuple] = set()
+
+    def note(self, kind: str, key: tuple) -> None:
+        if (kind, key) in self.seen:
+            return
+        self.seen.add((kind, key))
+        logger.info(
+            "compiling a %s program start-up did not precompile (%d so far this run): %s",
+            kind,
+            len(self.seen),
+            key,
+        )
+
+
+def run_sampler(
+    programs: dict,
+    logits: Any,
+    inputs: Any,
+    flags: dict[str, Any],
+    lazy: LazyCompiles | None = None,
+) -> Any:
     """``sampler.sample(logits, inputs, **flags)`` through its precompiled program if any."""
     from tpu_plugin.runner.sampler import sample
 
     flags = program_flags(flags)
-    program = programs.get(sampler_key(logits, inputs, flags))
+    key = sampler_key(logits, inputs, flags)
+    program = programs.get(key)
     if program is not None:
         return program(logits, inputs)
+    if lazy is not None and programs:  # precompiled (programs exist) but not this one
+        used = [name for name, value in inputs._asdict().items() if value is not None]
+        processors = tuple(used[len(_PLAIN_SAMPLING_FIELDS) :])
+        lazy.note("sampler", (logits.shape, tuple(sorted(flags.items())), processors))
     return sample(logits, inputs, **flags)

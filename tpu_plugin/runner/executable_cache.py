@@ -222,6 +222,8 @@ class ExecutableCache:
                 bool(getattr(parallel, "enable_expert_parallel", False)),
             ],
         }
+        if getattr(runner, "pooling", None) is not None:  # its forward returns pooled rows
+            context["pooling"] = runner.pooling.method
         return cls(os.path.join(root, SUBDIR), context)
 
     def key(self, name: str, *parts: str) -> str:

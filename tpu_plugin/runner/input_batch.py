@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from vllm.pooling_params import PoolingParams
 from vllm.sampling_params import SamplingParams
 
 
@@ -21,10 +22,11 @@ class RequestState:
 
     req_id: str
     prompt_token_ids: list[int]
-    sampling_params: SamplingParams
+    sampling_params: SamplingParams | None  # None for pooling requests
     block_ids: list[int]
     num_computed_tokens: int
     output_token_ids: list[int] = field(default_factory=list)
+    pooling_params: PoolingParams | None = None
     # Prompt logprobs filled chunk by chunk ([token, top-k] ids, scores, ranks), sent once the
     # prompt is complete; ``prompt_logprobs_sent`` keeps a recomputed prompt from sending twice.
     prompt_logprobs_rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -146,6 +148,8 @@ class InputBatch:
         self.num_computed_tokens[slot] = state.num_computed_tokens
         self.set_blocks(slot, state.block_ids)
         params = state.sampling_params
+        if params is None:  # pooling: an engine serves pooling or generation, never both
+            return slot
         self.temperature[slot] = params.temperature
         self.top_k[slot] = max(params.top_k or 0, 0)
         self.top_p[slot] = params.top_p

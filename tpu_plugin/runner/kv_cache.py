@@ -49,15 +49,16 @@ def cache_layout(hf_config: Any) -> CacheLayout:
     from tpu_plugin.models import registry
     from tpu_plugin.models.llama import head_dim_of
 
-    default = CacheLayout(hf_config.num_key_value_heads, head_dim_of(hf_config))
-    if envs.model_impl() == "torchax":
-        return default
-    try:
-        model_class = registry.resolve_model_class(list(hf_config.architectures or []))
-    except registry.UnsupportedModelError:
-        return default
-    hook = getattr(model_class, "kv_cache_layout", None)
-    return default if hook is None else CacheLayout(*hook(hf_config))
+    hook = None
+    if envs.model_impl() != "torchax":
+        try:
+            model_class = registry.resolve_model_class(list(hf_config.architectures or []))
+            hook = getattr(model_class, "kv_cache_layout", None)
+        except registry.UnsupportedModelError:
+            pass
+    if hook is not None:  # e.g. MLA's latent pages; encoders, whose configs have no KV heads
+        return CacheLayout(*hook(hf_config))
+    return CacheLayout(hf_config.num_key_value_heads, head_dim_of(hf_config))
 
 
 def layer_name(index: int) -> str:

@@ -31,7 +31,14 @@ from tpu_plugin.parallel import ShardingPlan, plan_for
 from tpu_plugin.parallel.shard_kernels import sharded_step
 from tpu_plugin.runner import kv_cache
 from tpu_plugin.runner.async_output import AsyncStepOutput, record_tokens, start_host_copy
-from tpu_plugin.runner.compile import enable_persistent_cache, run_sampler, step_key
+from tpu_plugin.runner.compile import (
+    LazyCompiles,
+    enable_persistent_cache,
+    logprobs_width,
+    run_sampler,
+    runtime_sampler_flags,
+    step_key,
+)
 from tpu_plugin.runner.input_batch import InputBatch, RequestState
 from tpu_plugin.runner.inputs import (
     HostStep,
@@ -40,6 +47,8 @@ from tpu_plugin.runner.inputs import (
     merge_prev_tokens,
     prepare_inputs,
 )
+from tpu_plugin.runner.pooling import TASKS as POOLING_TASKS
+from tpu_plugin.runner.pooling import PoolingRunner
 from tpu_plugin.runner.prompt_logprobs import (
     PromptLogprobRows,
     add_prompt_logit_rows,
@@ -51,20 +60,25 @@ from tpu_plugin.runner.spec_decode import SpecDecoder, SpecPlan
 logger = init_logger(__name__)
 
 
-def jitted_forward(graphdef: nnx.GraphDef, plan: ShardingPlan) -> Any:
+def jitted_forward(
+    graphdef: nnx.GraphDef, plan: ShardingPlan, pooling: PoolingRunner | None = None
+) -> Any:
     """The jitted step of a native model: ``(params, kv_caches, step) -> (kv_caches, logits)``.
 
     The runner calls it with the loaded parameters, the TPU planner
     (``tpu_plugin.tools.plan``) with abstract ones on a TPU topology: one definition, so
     what the planner compiles is what serving runs. The KV pages are donated (updated in
-    place); the logits come back replicated over the mesh for the sampler.
+    place); the logits come back replicated over the mesh for the sampler. A pooling model's
+    step returns its pooled rows instead of logits (``pooling.py``).
     """
 
-    def forward(params: Any, kv_caches: list, step: StepInputs) -> tuple[list, jax.Array]:
+    def forward(params: Any, kv_caches: list, step: StepInputs) -> tuple[list, Any]:
         step = merge_prev_tokens(step)
         model = nnx.merge(graphdef, params)
         with sharded_step(plan):  # Mosaic kernels run per device (parallel/shard_kernels.py)
             kv_caches, hidden = model(kv_caches, step.input_ids, step.positions, step.attention)
+            if pooling is not None:
+                return plan.constrain_kv(kv_caches), pooling.rows(hidden, step)
             logits = model.compute_logits(hidden[step.logits_indices])
         return plan.constrain_kv(kv_caches), plan.logits(logits)
 
@@ -105,6 +119,10 @@ class JaxModelRunner:
             # The model's page layout (K/V pairs, or MLA's latent array), see kv_cache.py.
             self.num_kv_heads, self.head_dim, self.latent_kv = kv_cache.cache_layout(self.hf_config)
 
+        # Pooling models (pooling.py): the forward returns pooled rows, not logits.
+        self.pooling = (
+            PoolingRunner(vllm_config) if self.model_config.runner_type == "pooling" else None
+        )
         self.requests: dict[str, RequestState] = {}
         self.batch = InputBatch(
             self.max_num_seqs,
@@ -120,10 +138,12 @@ class JaxModelRunner:
         self.num_pages = 0
         self._pending: tuple[jax.Array, HostStep] | None = None
         self._host_rng = np.random.default_rng(self.model_config.seed)
+        self._lazy = LazyCompiles()  # programs compiled while serving (logged once each)
         self.model: nnx.Module | None = None
         # Page-table widths are bucketed only where attention's work grows with the width
-        # (MLA's latent attention, layers/mla.py, always does).
-        self.bucket_page_widths = self.latent_kv or page_table_width_bucketed()
+        # (MLA's latent attention, layers/mla.py, and encoders' window, always do).
+        encoder = self.pooling is not None and self.pooling.bidirectional
+        self.bucket_page_widths = self.latent_kv or encoder or page_table_width_bucketed()
 
     # ---- start-up -------------------------------------------------------------------------
     def load_model(self) -> None:
@@ -133,7 +153,8 @@ class JaxModelRunner:
         start = time.perf_counter()
         # Async scheduling (async_output.py): the last sampled token of every slot stays on
         # the device; the step whose host bookkeeping has not run yet, and its tokens' places.
-        self.async_scheduling = bool(self.scheduler_config.async_scheduling)
+        # (pooling: no sampled tokens to carry over)
+        self.async_scheduling = bool(self.scheduler_config.async_scheduling) and not self.pooling
         self._last_tokens = jax.device_put(np.zeros(self.max_num_seqs, np.int32))
         self._unresolved: AsyncStepOutput | None = None
         self._unresolved_tokens: dict[str, tuple[int, int]] = {}
@@ -153,14 +174,16 @@ class JaxModelRunner:
             self._aot_forward, self._compiled = self._forward, {}
             logger.info("loaded %s (torchax) in %.1f s", model_dir, time.perf_counter() - start)
             return
-        self.model = load_model(model_dir, self.hf_config, self.dtype)
+        drop = ("lm_head",) if self.pooling else ()  # embedding checkpoints often have none
+        self.model = load_model(model_dir, self.hf_config, self.dtype, drop=drop)
         graphdef, self.params = nnx.split(self.model)
+        pooling = self.pooling
         # Tensor/expert parallelism: parameters onto the mesh (tpu_plugin/parallel/sharding.py).
         plan = getattr(self, "sharding_plan", None) or plan_for(self.vllm_config)
         self.sharding_plan = plan
         self.params = plan.shard_params(self.params)
 
-        self._forward = jitted_forward(graphdef, plan)
+        self._forward = jitted_forward(graphdef, plan, pooling)
         # Precompiled forward programs by step shape (precompile.precompile); Ray's wrapper below
         # converts inputs, so multi-process runs compile on first use instead.
         self._aot_forward = None if plan.multi_process else self._forward
@@ -202,6 +225,8 @@ class JaxModelRunner:
     def _update_states(self, so: SchedulerOutput) -> None:
         for req_id in so.finished_req_ids:
             self.requests.pop(req_id, None)
+            if self.pooling is not None:
+                self.pooling.forget(req_id)
             self.batch.remove(req_id)
         scheduled = so.num_scheduled_tokens
         for req_id in [r for r in self.batch.req_id_to_slot if r not in scheduled]:
@@ -210,14 +235,17 @@ class JaxModelRunner:
             self.kv_caches = kv_cache.copy_blocks(self.kv_caches, so.kv_cache_block_copies)
 
         for new in so.scheduled_new_reqs:
-            if new.sampling_params is None or new.prompt_token_ids is None:
-                raise ValueError("tpu-plugin serves token prompts for generation only")
+            if new.prompt_token_ids is None or (
+                new.sampling_params is None and new.pooling_params is None
+            ):
+                raise ValueError("tpu-plugin serves token prompts (no prompt embeddings)")
             state = RequestState(
                 req_id=new.req_id,
                 prompt_token_ids=list(new.prompt_token_ids),
                 sampling_params=new.sampling_params,
                 block_ids=list(new.block_ids[0]),
                 num_computed_tokens=new.num_computed_tokens,
+                pooling_params=new.pooling_params,
             )
             self.requests[new.req_id] = state
             self.batch.remove(new.req_id)
@@ -258,6 +286,8 @@ class JaxModelRunner:
             max_num_seqs=self.max_num_seqs,
             bucket_widths=self.bucket_page_widths,
         )
+        if self.pooling is not None:  # embeddings: no sampling step follows
+            return self._pool(step, host, [so.num_scheduled_tokens[r] for r in req_ids])
         if self.async_scheduling:
             step = merge_plan(
                 step,
@@ -272,10 +302,35 @@ class JaxModelRunner:
         )
         if self._spec is not None:  # draft positions' logits rows (after the prompt ones)
             step, self._spec_plan = self._spec.add_rows(step, host, so)
-        forward = self._compiled.get(step_key(step), self._forward)
+        forward = self._compiled.get(step_key(step))
+        if forward is None:
+            if self._compiled:  # precompiled, but not this shape (prompt or draft rows)
+                self._lazy.note("forward", step_key(step))
+            forward = self._forward
         self.kv_caches, logits = forward(self.params, self.kv_caches, step)
         self._pending = (logits, host)
         return None
+
+    def _pool(
+        self, step: StepInputs, host: HostStep, num_scheduled: list[int]
+    ) -> ModelRunnerOutput:
+        """Runs a pooling step; finished prompts get their embedding (pooling.py)."""
+        forward = self._compiled.get(step_key(step), self._forward)
+        starts = self.batch.num_computed_tokens[host.slots]
+        self.kv_caches, pooled = forward(self.params, self.kv_caches, step)
+        return self.pooling.step_output(
+            pooled,
+            host.req_ids,
+            starts,
+            np.asarray(num_scheduled, np.int32),
+            self.batch.num_prompt_tokens[host.slots],
+            host.completes_prompt,
+            [self.requests[r].pooling_params for r in host.req_ids],
+        )
+
+    def supported_tasks(self) -> tuple[str, ...]:
+        """What vLLM may ask of this engine: generation, or the pooling tasks."""
+        return POOLING_TASKS if self.pooling is not None else ("generate",)
 
     def _sampling_inputs(self, host: HostStep) -> tuple[SamplingInputs, dict[str, Any]]:
         slots, rows, padded = host.slots, len(host.slots), host.padded_num_seqs
@@ -290,21 +345,24 @@ class JaxModelRunner:
         seed = self.batch.seed[slots]
         generated = self.batch.num_tokens[slots] - self.batch.num_prompt_tokens[slots]
         fresh = self._host_rng.integers(0, 2**32, rows, dtype=np.uint64)
+        requested = int(self.batch.num_logprobs[slots].max(initial=-1))
+        runtime = runtime_sampler_flags()  # CPU: one program decides greedy/top-k/logprobs
+        want_logprobs = pad(self.batch.num_logprobs[slots] >= 0, False, bool) if runtime else None
         inputs = SamplingInputs(
             temperature=pad(temperature, 0.0, np.float32),
             top_k=pad(top_k, 0, np.int32),
             top_p=pad(top_p, 1.0, np.float32),
             seeds=pad(np.where(seed >= 0, seed, fresh).astype(np.uint32), 0, np.uint32),
             draws=pad(np.where(seed >= 0, generated, 0), 0, np.int32),
+            want_logprobs=want_logprobs,
             **self.batch.processor_inputs(slots, padded),
         )
-        requested = int(self.batch.num_logprobs[slots].max(initial=-1))
         # One width for every step (top max_logprobs) unless a request asks for more (-1: all).
-        width = min(max(requested, self.model_config.max_logprobs, 1), self.batch.vocab_size)
+        width = logprobs_width(self.model_config.max_logprobs, self.batch.vocab_size, requested)
         flags = {
             "all_greedy": bool(np.all(temperature < GREEDY_EPS)),
             "use_top_k_top_p": bool(np.any(top_k > 0) or np.any(top_p < 1.0)),
-            "num_logprobs": 0 if requested < 0 else width,
+            "num_logprobs": width if requested >= 0 or runtime else 0,
             "logprobs_mode": self.model_config.logprobs_mode,
         }
         return inputs, flags
@@ -335,7 +393,12 @@ class JaxModelRunner:
         if grammar_output is not None:
             params = params._replace(bitmask=self._grammar_bitmask(host, grammar_output))
         params = jax.device_put(params)
-        sampled = run_sampler(self._compiled_samplers, logits, params, flags)
+        sampled = run_sampler(self._compiled_samplers, logits, params, flags, self._lazy)
+        if sampled.topk_ids is not None and not np.any(self.batch.num_logprobs[host.slots] >= 0):
+            # computed only as zeros (params.want_logprobs): nobody asked
+            sampled = sampled._replace(
+                topk_ids=None, topk_logprobs=None, sampled_logprob=None, sampled_rank=None
+            )
         plan, self._spec_plan = self._spec_plan, None
         spec_tokens = None
         if plan is not None and plan.num_rows:

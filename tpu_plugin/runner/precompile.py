@@ -136,6 +136,13 @@ class Progress:
             sampler or 0.0
         )
 
+    def summary(self) -> str:
+        """Programs and mean seconds between completions, per kind and source."""
+        return ", ".join(
+            f"{len(v)} {kind} {sum(v) / len(v):.2f} s each"
+            for kind, v in sorted(self.seconds.items())
+        )
+
     def close(self) -> None:
         self.bar.close()
 
@@ -198,6 +205,8 @@ def precompile(runner: Any) -> float:
         runner.model_config.logprobs_mode,
     )
     seq_buckets = sorted({b.seqs for b in buckets})
+    if getattr(runner, "pooling", None) is not None:  # pooling models sample nothing
+        variants, seq_buckets = [], []
     workers = compile_workers()
     logger.info(
         "precompiling %d forward buckets (tokens %d..%d, %d sequence buckets, page widths "
@@ -245,11 +254,12 @@ def precompile(runner: Any) -> float:
     seconds = time.perf_counter() - start
     total = progress.bar.total
     logger.info(
-        "precompiled %d programs (%d forward, %d sampler) in %.1f s",
+        "precompiled %d programs (%d forward, %d sampler) in %.1f s (%s)",
         total,
         len(buckets),
         total - len(buckets),
         seconds,
+        progress.summary(),
     )
     return seconds
 
@@ -313,7 +323,7 @@ def _build_programs(
         lower = functools.partial(lower_forward, runner._aot_forward)
         forwards[step_key(step)] = program("forward", (shared, describe(step)), args, lower)
     samplers, token_ids = {}, {}
-    for seqs in sorted({b.seqs for b in buckets}):
+    for seqs in sorted({b.seqs for b in buckets}) if variants else []:
         # A real forward's logits: the sampler programs are built for exactly its output.
         step = make_step(next(b for b in buckets if b.seqs == seqs))
         forward = forwards[step_key(step)].result()

@@ -49,6 +49,9 @@ class SamplingInputs(NamedTuple):
     top_p: jax.Array  # [S] float32, 1 = off
     seeds: jax.Array  # [S] uint32
     draws: jax.Array  # [S] int32: index of this draw within the request
+    # [S] bool: rows that asked for logprobs, where the program decides at run time whether to
+    # compute them (None: the static ``num_logprobs`` decides alone).
+    want_logprobs: jax.Array | None = None
     min_p: jax.Array | None = None  # [S] float32, 0 = off
     penalties: Penalties | None = None
     bias_ids: jax.Array | None = None  # [S, B] int32 (padding = vocab)
@@ -128,7 +131,9 @@ def sample(
 ) -> SampledTokens:
     """Samples one token per row of ``logits`` ``[>=S, vocab]`` (rows past S are ignored).
 
-    ``all_greedy`` / ``use_top_k_top_p`` ``None``: decided from the rows at run time.
+    ``all_greedy`` / ``use_top_k_top_p`` ``None``: decided from the rows at run time; with
+    ``params.want_logprobs``, logprobs are computed (``num_logprobs`` wide) only when a row
+    asks for them and are zeros otherwise.
     """
     logits = logits[: params.temperature.shape[0]].astype(jnp.float32)
     if params.bitmask is not None:
@@ -164,17 +169,33 @@ def sample(
 
     if num_logprobs == 0:
         return SampledTokens(tokens, None, None, None, None)
-    scores = {
-        "raw_logprobs": lambda: jax.nn.log_softmax(raw, axis=-1),
-        "raw_logits": lambda: raw,
-        "processed_logprobs": lambda: jax.nn.log_softmax(final, axis=-1),
-        "processed_logits": lambda: final,
-    }[logprobs_mode]()
-    ids, values, rank = lp.gather_logprobs(scores, tokens, num_logprobs)
-    top_ids, top_values = ids[:, 1:], values[:, 1:]
-    if params.logprob_ids is not None:  # rows with logprob_token_ids: those ids, not the top-k
-        top_ids, top_values = lp.chosen_logprobs(scores, params.logprob_ids, top_ids, top_values)
-    return SampledTokens(tokens, top_ids, top_values, values[:, 0], rank)
+
+    def logprobs() -> tuple[jax.Array, ...]:
+        scores = {
+            "raw_logprobs": lambda: jax.nn.log_softmax(raw, axis=-1),
+            "raw_logits": lambda: raw,
+            "processed_logprobs": lambda: jax.nn.log_softmax(final, axis=-1),
+            "processed_logits": lambda: final,
+        }[logprobs_mode]()
+        ids, values, rank = lp.gather_logprobs(scores, tokens, num_logprobs)
+        top_ids, top_values = ids[:, 1:], values[:, 1:]
+        if params.logprob_ids is not None:  # rows with logprob_token_ids: those ids instead
+            top_ids, top_values = lp.chosen_logprobs(
+                scores, params.logprob_ids, top_ids, top_values
+            )
+        return top_ids, top_values, values[:, 0], rank
+
+    if params.want_logprobs is None:
+        return SampledTokens(tokens, *logprobs())
+    shapes = jax.eval_shape(logprobs)
+    return SampledTokens(
+        tokens,
+        *jax.lax.cond(
+            jnp.any(params.want_logprobs),
+            logprobs,
+            lambda: tuple(jnp.zeros(x.shape, x.dtype) for x in shapes),
+        ),
+    )
 
 
 @partial(jax.jit, static_argnames=("start", "num_logprobs", "logprobs_mode"))
