@@ -59,7 +59,7 @@ def test_llama_tp_1_2_4_8(tmp_path):
         shards = results[f"tp{tp}"]["shards"]
         assert shards[layer + "self_attn.o_proj.weight"] == [64, 64 // tp]
         # [gate; up] stacked: every device holds the same 128 / tp rows of both
-        assert shards[layer + "mlp.gate_up_proj.weight"] == [2, 128 // tp, 64]
+        assert shards[layer + "mlp.gate_up_proj.weight"] == [128 // tp, 2, 64]
         assert shards[layer + "mlp.down_proj.weight"] == [64, 128 // tp]
         assert shards["model.embed_tokens.weight"] == [512 // tp, 64]
         assert shards["lm_head.weight"] == [512 // tp, 64]  # vocabulary split
@@ -70,7 +70,8 @@ def test_llama_tp_1_2_4_8(tmp_path):
     assert results["tp2"]["shards"][layer + "self_attn.qkv_proj.weight"] == [1, 48, 64]
     assert results["tp2"]["kv_spec"] == "P(None, None, 'model')"
     for tp in (4, 8):
-        assert results[f"tp{tp}"]["shards"][layer + "self_attn.qkv_proj.weight"] == [2, 48, 64 // tp]
+        shards = results[f"tp{tp}"]["shards"]
+        assert shards[layer + "self_attn.qkv_proj.weight"] == [2, 48, 64 // tp]
         assert results[f"tp{tp}"]["kv_spec"] == "P()"
 
 

@@ -26,7 +26,16 @@ from flax import nnx
 
 class Linear(nnx.Module):
     """``y = x @ weight.T (+ bias)``; ``out_features`` may be a shape (``weight`` is then
-    ``[*out_features, in_features]`` and ``y`` ends in ``out_features``)."""
+    ``[*out_features, in_features]`` and ``y`` ends in ``out_features``).
+
+    A shaped weight is multiplied as the 2-D matrix ``[prod(out_features), in_features]`` (a
+    reshape of its row-major layout, no data moves): a dot with several output dimensions is
+    canonicalised by XLA into a transpose of the weight, which XLA's CPU backend materialised
+    as a copy of the whole weight every step (``tools/hlo_inventory.py`` on a CPU compile
+    showed one per fused weight; the 2-D form is the canonical one on every backend). Tensor
+    parallelism splits a fused weight on axis 0 only, which the reshape keeps contiguous per
+    device.
+    """
 
     def __init__(
         self,
@@ -41,7 +50,10 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         w = self.weight[...]
-        y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (w.ndim - 1,)), ((), ())))
+        out = w.shape[:-1]
+        w = w.reshape(-1, w.shape[-1])
+        y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
+        y = y.reshape(*x.shape[:-1], *out)
         if self.bias is not None:
             y = y + self.bias[...]
         return y
@@ -54,28 +66,29 @@ class Fusion:
     ``parts``: ``(module name, output rows)`` of each projection, in order, as named in the
     checkpoint next to the fused module (``("q_proj", 4096), ("k_proj", 1024), …``).
 
-    - ``groups`` > 0 (q/k/v): weight ``[groups, sum(rows) / groups, in]``; group ``j`` holds
-      the ``j``-th ``1 / groups`` of every part's rows, in part order. With ``groups`` = KV
-      heads, group ``j`` is the query heads that share KV head ``j``, then that K head, then
-      that V head; a contiguous split over axis 0 gives each device whole heads, its queries
-      with their own keys and values (grouped-query attention maps query head ``h`` to KV head
-      ``h // (heads / kv_heads)``, as HF does).
-    - ``groups`` = 0 (gate/up): the parts, of equal rows, stacked: ``[len(parts), rows, in]``;
-      a split over axis 1 gives each device the same rows of gate and of up.
+    The weight is ``[groups, sum(rows) / groups, in]``: group ``j`` holds the ``j``-th
+    ``1 / groups`` of every part's rows, in part order, so a contiguous split over axis 0 gives
+    each device whole groups:
 
-    Both layouts have the same shape whatever the device count, so the model stays device
-    free and one checkpoint serves every tensor-parallel size.
+    - q/k/v, ``groups`` = KV heads: group ``j`` is the query heads that share KV head ``j``,
+      then that K head, then that V head; each device gets whole heads, its queries with their
+      own keys and values (grouped-query attention maps query head ``h`` to KV head
+      ``h // (heads / kv_heads)``, as HF does);
+    - gate/up, ``groups`` = intermediate rows: row ``i`` of gate, then row ``i`` of up
+      (``[I, 2, in]``); each device gets the same rows of both;
+    - MLA's two input projections, ``groups`` = 1 (never split: they are replicated).
+
+    The layout has the same shape whatever the device count, so the model stays device free and
+    one checkpoint serves every tensor-parallel size; axis 0 is the only one split, which keeps
+    :class:`Linear`'s 2-D view of the weight contiguous per device.
     """
 
     parts: tuple[tuple[str, int], ...]
-    groups: int = 0
+    groups: int
 
     def __post_init__(self) -> None:
-        rows = [r for _, r in self.parts]
-        if self.groups and any(r % self.groups for r in rows):
+        if self.groups < 1 or any(r % self.groups for _, r in self.parts):
             raise ValueError(f"{self.parts}: every part's rows must divide into {self.groups}")
-        if not self.groups and len(set(rows)) != 1:
-            raise ValueError(f"{self.parts}: stacked parts need equal rows")
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -87,17 +100,13 @@ class Fusion:
         return sum(r for _, r in self.parts)
 
     def out_shape(self) -> tuple[int, int]:
-        if self.groups:
-            return self.groups, self.rows // self.groups
-        return len(self.parts), self.parts[0][1]
+        return self.groups, self.rows // self.groups
 
     def pack(self, tensors: list[np.ndarray]) -> np.ndarray:
         """The fused parameter from the parts' checkpoint tensors (``[rows_i, ...]`` each)."""
         xp = jnp if any(isinstance(t, jax.Array) for t in tensors) else np
-        if self.groups:
-            grouped = [t.reshape(self.groups, -1, *t.shape[1:]) for t in tensors]
-            return xp.concatenate(grouped, axis=1)
-        return xp.stack(tensors)
+        grouped = [t.reshape(self.groups, -1, *t.shape[1:]) for t in tensors]
+        return xp.concatenate(grouped, axis=1)
 
     def unpack(self, fused: np.ndarray) -> list[np.ndarray]:
         """The parts, in the checkpoint's per-part layout (the inverse of :meth:`pack`)."""
@@ -113,10 +122,6 @@ class Fusion:
         each flattened to its checkpoint layout (``[..., rows_i, ...]``)."""
         axis = axis % y.ndim
         lead, tail = y.shape[:axis], y.shape[axis + 2 :]
-        if not self.groups:
-            return tuple(
-                jax.lax.index_in_dim(y, i, axis, keepdims=False) for i in range(len(self.parts))
-            )
         out, start = [], 0
         for _, rows in self.parts:
             width = rows // self.groups

@@ -43,7 +43,7 @@ from vllm.logger import init_logger
 from tpu_kernels.ragged_paged_attention.reference import token_layout
 from tpu_plugin import envs
 from tpu_plugin.layers.attention import AttentionMetadata
-from tpu_plugin.layers.linear import Fusion, FusedLinear, Linear
+from tpu_plugin.layers.linear import FusedLinear, Fusion, Linear
 from tpu_plugin.layers.norm import RMSNorm
 from tpu_plugin.layers.rope import RotaryEmbedding, rope_parameters
 

@@ -2,11 +2,12 @@
 
 Families differ only in the activation (SiLU for Llama/Qwen/Mistral/Phi-3, tanh-approximated
 GELU for Gemma), named as in the Hugging Face config (``hidden_act`` / ``hidden_activation``).
-Gate and up run as one matmul, ``gate_up_proj`` with weight ``[2, intermediate, hidden]`` (gate
-stacked on up, :class:`~tpu_plugin.layers.linear.Fusion`): tensor parallelism splits axis 1, so
-every device holds the same rows of both and computes ``act(gate) * up`` on its own. The loader
-stacks the checkpoint's ``gate_proj``/``up_proj`` (or cuts Phi-3's concatenated
-``gate_up_proj`` first), so one module serves both checkpoint layouts.
+Gate and up run as one matmul, ``gate_up_proj`` with weight ``[intermediate, 2, hidden]`` (row
+``i`` of gate next to row ``i`` of up, :class:`~tpu_plugin.layers.linear.Fusion`): tensor
+parallelism splits axis 0, so every device holds the same rows of both and computes
+``act(gate) * up`` on its own. The loader interleaves the checkpoint's ``gate_proj``/``up_proj``
+(or cuts Phi-3's concatenated ``gate_up_proj`` first), so one module serves both checkpoint
+layouts.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tpu_plugin.layers.linear import Fusion, FusedLinear, Linear
+from tpu_plugin.layers.linear import FusedLinear, Fusion, Linear
 
 # Hugging Face activation name -> function (transformers' ACT2FN names).
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -51,7 +52,8 @@ class GatedMLP(nnx.Module):
         bias: bool = False,
         act: str = "silu",
     ):
-        fusion = Fusion((("gate_proj", intermediate), ("up_proj", intermediate)))
+        # row i of gate next to row i of up: TP splits rows of both alike (Fusion)
+        fusion = Fusion((("gate_proj", intermediate), ("up_proj", intermediate)), intermediate)
         self.gate_up_proj = FusedLinear(hidden, fusion, dtype, bias=bias)
         self.down_proj = Linear(intermediate, hidden, dtype, bias=bias)
         activation(act)  # fail at construction (start-up), not at the first step

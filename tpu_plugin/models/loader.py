@@ -42,7 +42,7 @@ from flax import nnx
 from safetensors import safe_open
 from vllm.logger import init_logger
 
-from tpu_plugin.layers.linear import Fusion, FusedLinear
+from tpu_plugin.layers.linear import FusedLinear, Fusion
 from tpu_plugin.models.registry import resolve_model_class
 
 logger = init_logger(__name__)

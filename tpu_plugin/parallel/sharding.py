@@ -13,9 +13,9 @@ those names to specs on the ``("data", "model")`` mesh of :mod:`tpu_plugin.paral
   input axis instead (partial sums: one all-reduce gives every device all of q, k and v, which
   the replicated attention needs, while each device holds ``1 / tp`` of the weight; splitting
   q alone would need the k/v rows copied onto every device); its bias replicated;
-- fused gate/up, ``gate_up_proj`` ``[2, intermediate, hidden]`` (gate stacked on up): split on
-  axis 1, so each device holds the same rows of gate and of up (a contiguous split of a
-  concatenated ``[gate; up]`` would give one device only gate rows);
+- fused gate/up, ``gate_up_proj`` ``[intermediate, 2, hidden]`` (row ``i`` of gate next to row
+  ``i`` of up): split on axis 0, so each device holds the same rows of gate and of up (a
+  contiguous split of a concatenated ``[gate; up]`` would give one device only gate rows);
 - column-split (output rows over ``model``): ``q_proj`` (MLA without a query LoRA) — each device
   computes its own heads;
 - row-split (input columns over ``model``): ``o_proj``, ``down_proj`` — partial sums, one
@@ -49,7 +49,7 @@ from tpu_plugin.parallel.mesh import MODEL_AXIS, ParallelLayout
 COLUMN_SPLIT = ("q_proj",)
 ROW_SPLIT = ("o_proj", "down_proj")
 FUSED_QKV = "qkv_proj"  # [kv_heads, rows per group, hidden]: whole KV groups per device
-FUSED_GATE_UP = "gate_up_proj"  # [2, intermediate, hidden]: matching gate/up rows per device
+FUSED_GATE_UP = "gate_up_proj"  # [intermediate, 2, hidden]: matching gate/up rows per device
 EXPERT_STACKS = {"gate_up_proj": 1, "down_proj": 2}  # stacked tensor → its TP dimension
 EXPERT_AXIS = "expert"  # the logical axis name the MoE layer annotates (layers/moe.py)
 
@@ -90,7 +90,7 @@ def param_spec(
         # KV heads replicated: partial sums over the input axis (module doc); bias replicated
         return _split_dim(shape, len(shape) - 1, tp) if leaf == "weight" else P()
     if module == FUSED_GATE_UP and len(shape) >= 2:
-        return _split_dim(shape, 1, tp)
+        return _split_dim(shape, 0, tp)
     if module in COLUMN_SPLIT:
         return _split_dim(shape, 0, tp)
     if module in ROW_SPLIT:
