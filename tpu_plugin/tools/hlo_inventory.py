@@ -8,14 +8,15 @@ dump) and lists its top-level instructions, the ones a backend launches as kerne
 library calls, custom calls such as the Pallas kernels, copies, collectives, loops), each with
 
 - ``role``: what it does, from its opcode and the source of its ops (``matmul``, ``attention``,
-  ``rmsnorm``, ``rope``, ``kv_write``, ``relayout``, ...; :func:`classify`),
+  ``rmsnorm``, ``rope``, ``kv_write``, ``qkv_split``, ``relayout``, ...; :func:`classify`),
 - ``sources``: the innermost plugin function of each op inside it (the HLO's stack frames, which
   JAX records per op: ``RMSNorm.__call__``, ``apply_rope``, ``write_kv_pages``, ...),
 - ``weights``: the parameters it reads (the jitted function's argument names).
 
 :func:`join_trace` adds a profiler trace's time per kernel (events carry the HLO instruction
 name as their ``hlo_op`` stat on GPU), so every kernel of a step is named and timed.
-Used by ``benchmarks/decode_hlo.py`` and the compile tests (tests/tools, tests/tpu).
+Used by ``benchmarks/decode_hlo.py`` and ``benchmarks/step_profile.py``; tested in
+``tests/tools/test_hlo_inventory.py``.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ _SOURCE_ROLES = (
     ("apply_rope", "rope"),
     ("RotaryEmbedding", "rope"),
     ("RMSNorm", "rmsnorm"),
+    ("rms_norm", "rmsnorm"),
+    ("SelfAttention._project", "qkv_split"),  # slicing the fused q/k/v result apart
     ("ragged_paged_attention", "attention"),
     ("paged_attention", "attention"),
     ("GatedMLP", "activation"),
@@ -63,6 +66,8 @@ _SOURCE_ROLES = (
     ("merge_prev_tokens", "step_metadata"),
     ("compute_logits", "logits"),
 )
+# Helpers whose ops belong to their caller's role (a fused projection's slicing of its result).
+_TRANSPARENT = ("Fusion.", "FusedLinear.")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%(?P<name>[^\s=]+)\s*=\s*(?P<rest>.*)$")
 _HEADER = re.compile(r"^(?P<entry>ENTRY\s+)?%(?P<name>[^\s(]+)\s*\(.*\{\s*$")
 _TABLE_ROW = re.compile(r"^(\d+)\s+(.*)$")
@@ -115,6 +120,7 @@ class Kernel:
     weights: tuple[str, ...]  # parameters it reads
     ops: dict[str, int]  # opcode -> count inside it (fused computation or loop body)
     inner_kernels: int = 0  # for loops: kernels launched inside the body per iteration
+    children: tuple[str, ...] = ()  # for loops: those kernels' names (a trace names them)
 
 
 class HloModule:
@@ -173,7 +179,8 @@ class HloModule:
             seen.add(frame)
             location, parent = self._frames.get(frame, (0, 0))
             file, function, _ = self._locations.get(location, ("?", "?", 0))
-            if "/tpu_plugin/" in file or "/kernels/" in file or "tpu_kernels" in file:
+            ours = "/tpu_plugin/" in file or "/kernels/" in file or "tpu_kernels" in file
+            if ours and not function.startswith(_TRANSPARENT):
                 return function
             frame = parent if parent != frame else 0
         return None
@@ -193,18 +200,15 @@ class HloModule:
 
 def _opcode(rest: str) -> str:
     """The opcode after an instruction's result type (which may be a parenthesised tuple)."""
-    i = 0
+    end = rest.find(" ")
     if rest.startswith("("):
         depth = 0
-        for i, ch in enumerate(rest):
+        for end, ch in enumerate(rest, start=1):  # noqa: B007 (the end is used after)
             depth += ch == "("
             depth -= ch == ")"
             if depth == 0:
                 break
-        i += 1
-    else:
-        i = rest.find(" ")
-    m = re.match(r"\s*([\w\-]+)\(", rest[i:])
+    m = re.match(r"\s*([\w\-]+)\(", rest[end:])
     return m.group(1) if m else "?"
 
 
@@ -231,6 +235,23 @@ def source_role(source: str) -> str | None:
     return None
 
 
+def _loop_body(module: HloModule, names: list[str]) -> list[Instruction]:
+    """The launched instructions of a loop's (or call's) computations, nested loops included."""
+    out, stack, seen = [], list(names), set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for instr in module.computations.get(name, []):
+            if instr.opcode in _FREE or instr.opcode.endswith("-done"):
+                continue
+            out.append(instr)
+            if instr.opcode in _LOOPS:
+                stack += module.called(instr)
+    return out
+
+
 def classify(opcode: str, kind: str, ops: dict[str, int], sources: dict[str, int]) -> str:
     """The role of a kernel from its opcode, what it contains and where its ops come from.
 
@@ -247,7 +268,7 @@ def classify(opcode: str, kind: str, ops: dict[str, int], sources: dict[str, int
         return "custom-call"
     if opcode.startswith(_COLLECTIVES):
         return "collective"
-    if opcode == "copy-start":  # TPU: an asynchronous DMA (prefetch between memories)
+    if opcode.endswith("-start"):  # TPU: an asynchronous DMA (copy or slice between memories)
         return "async_copy"
     if opcode in _LOOPS:
         return "attention" if any("attention" in s for s in sources) else "loop"
@@ -278,6 +299,11 @@ def inventory(text: str) -> list[Kernel]:
         for i in module.computations.get(module.entry, [])
         if i.opcode == "parameter"
     }
+    # A bitcast of a parameter (a 2-D view of a fused weight) launches nothing: its readers
+    # read the parameter.
+    for i in module.computations.get(module.entry, []):
+        if i.opcode == "bitcast" and i.operands and i.operands[0] in params:
+            params[i.name] = params[i.operands[0]]
     kernels = []
     for instr in module.computations.get(module.entry, []):
         # An asynchronous op's "-done" half waits for its "-start": one launch, counted once.
@@ -297,15 +323,7 @@ def inventory(text: str) -> list[Kernel]:
         weights = tuple(
             _short(params[o]) for o in instr.operands if o in params and "params" in params[o]
         )
-        inner_kernels = 0
-        if instr.opcode in _LOOPS:
-            body = [
-                i
-                for name in called
-                for i in module.computations.get(name, [])
-                if i.opcode not in _FREE
-            ]
-            inner_kernels = len(body)
+        body = _loop_body(module, called) if instr.opcode in _LOOPS else []
         kernels.append(
             Kernel(
                 name=instr.name,
@@ -315,7 +333,8 @@ def inventory(text: str) -> list[Kernel]:
                 sources=tuple(sources),
                 weights=weights,
                 ops=dict(ops),
-                inner_kernels=inner_kernels,
+                inner_kernels=len(body),
+                children=tuple(i.name for i in body),
             )
         )
     return kernels
@@ -346,12 +365,40 @@ def summary(kernels: list[Kernel], num_layers: int) -> dict:
     }
 
 
+def trace_events(path: str) -> list[tuple[str, float]]:
+    """``(instruction name, duration ns)`` of every kernel of an xplane trace (``.xplane.pb``).
+
+    An accelerator's kernels are the events of its planes' stream lines, named by their
+    ``hlo_op`` stat (the HLO instruction that launched them; a library kernel's own name when
+    it has none). With no accelerator kernel in the trace (JAX CPU, or a host whose libtpu
+    adds an empty TPU plane) they are the host runtime's events that carry an ``hlo_op`` stat.
+    """
+    from jax.profiler import ProfileData
+
+    planes = list(ProfileData.from_file(path).planes)
+    device, host = [], []
+    for plane in planes:
+        on_device = plane.name.startswith("/device:")
+        for line in plane.lines:
+            # XLA Modules / XLA Ops lines of a device plane summarise its stream lines
+            if on_device and "stream" not in line.name.lower():
+                continue
+            for event in line.events:
+                name = dict(event.stats or ()).get("hlo_op")
+                if on_device:
+                    device.append((str(name or event.name), float(event.duration_ns)))
+                elif name is not None:
+                    host.append((str(name), float(event.duration_ns)))
+    return device or host
+
+
 def join_trace(kernels: list[Kernel], events: list[tuple[str, float]], steps: int) -> dict:
     """Device time per kernel and per role from profiler events ``(hlo_op or name, ns)`` of
     ``steps`` runs of the program; events that name no instruction are kept as ``unmatched``
     (library kernels the trace names by their own name)."""
     by_name = {k.name: k for k in kernels}
-    sanitized = {re.sub(r"[.\-]", "_", k.name): k for k in kernels}
+    by_name |= {child: k for k in kernels for child in k.children if child not in by_name}
+    sanitized = {re.sub(r"[.\-]", "_", n): k for n, k in by_name.items()}
     per_kernel: dict[str, float] = collections.Counter()
     per_role: dict[str, float] = collections.Counter()
     calls: dict[str, int] = collections.Counter()
@@ -363,15 +410,19 @@ def join_trace(kernels: list[Kernel], events: list[tuple[str, float]], steps: in
             continue
         per_kernel[kernel.name] += ns
         per_role[kernel.role] += ns
-        calls[kernel.name] += 1
+        calls[kernel.name] += 1  # a loop: every launch of its body's kernels
     scale = 1e-6 / max(1, steps)
+
+    def ranked(counts: dict[str, float]) -> list[tuple[str, float]]:
+        return sorted(counts.items(), key=lambda item: -item[1])
+
     return {
-        "ms_per_step_by_role": {r: v * scale for r, v in sorted(per_role.items(), key=lambda x: -x[1])},
+        "ms_per_step_by_role": {r: v * scale for r, v in ranked(per_role)},
         "ms_per_step_by_kernel": {
             n: {"ms": v * scale, "calls": calls[n] / max(1, steps), "role": by_name[n].role}
-            for n, v in sorted(per_kernel.items(), key=lambda x: -x[1])
+            for n, v in ranked(per_kernel)
         },
-        "unmatched_ms_per_step": {n: v * scale for n, v in sorted(unmatched.items(), key=lambda x: -x[1])[:30]},
+        "unmatched_ms_per_step": {n: v * scale for n, v in ranked(unmatched)[:30]},
     }
 
 
