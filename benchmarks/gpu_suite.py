@@ -13,7 +13,8 @@ cut short still reports):
    process writes the checkpoint);
 3. a Llama-3-8B-shaped bf16 checkpoint with random weights, written on the device;
 4. ``hf`` and ``hf_compiled``: the Hugging Face peers (``hf_peers.py``: ``generate`` eager, and
-   with a static cache and compiled, CUDA-graphed decoding), in a child process: on the same
+   with a static cache and compiled, CUDA-graphed decoding; the compiled one first, the one the
+   targets compare against), in a child process: on the same
    GPU before the plugin, or with ``--peers-gpu N`` on GPU N after the kernel stage, at the same
    time as the plugin (the x2 machine: the whole suite then fits one call of 8 minutes);
 5. ``plugin`` (``vllm.LLM``, TPU_PLUGIN_DEVICE=gpu): decode throughput per batch size with
@@ -479,6 +480,10 @@ def parse_args() -> argparse.Namespace:
         os.environ.setdefault("TPU_PLUGIN_PRECOMPILE", "0")  # start-up compiles are not tested
         if args.peers_gpu is not None:
             raise SystemExit("--cpu-dry-run has no second GPU: leave out --peers-gpu")
+    if args.peers_gpu is not None:
+        # This process and its other children (the engine, the XLA dump) see only their GPU:
+        # JAX would otherwise preallocate most of the peers' GPU too (set before CUDA starts).
+        os.environ["CUDA_VISIBLE_DEVICES"] = "1" if args.peers_gpu == 0 else "0"
     if args.skip_hf:
         args.stages = [s for s in args.stages if s not in ("hf", "hf_compiled")]
     if args.skip_kernels:
@@ -530,7 +535,7 @@ def main() -> None:
     ready.set()
     save()
     if peer_args and side is None:  # before the plugin (its start-up is the long stage)
-        plugin_reserve = 60 if args.smoke else 330
+        plugin_reserve = 0 if "plugin" not in args.stages else 60 if args.smoke else 330
         wait(child(peer_args), args.deadline - plugin_reserve, "hf")
         read_child("hf_peers.json", ("hf",))
     if "plugin" in args.stages:
