@@ -33,7 +33,8 @@ recorded as skipped (the xla dump first: the plugin stage profiles its programs 
 ``--smoke`` uses a 2-layer model and small shapes to prove the path in a minute.
 ``--cpu-dry-run`` is ``--smoke`` on this machine's CPU (JAX CPU, torch CPU, the attention kernel
 in interpret mode, HF's compile without CUDA graphs): every stage and table runs, no number
-means anything; it is how the suite is checked before a device call. Results:
+means anything; it is how the suite is checked before a device call (with ``--peers-gpu 1`` the
+side chain runs beside the main stages on the same CPU). Results:
 ``$OUT/gpu_suite.json`` (+ ``attention_sweep.json``, ``hf_peers.json`` of the children).
 """
 
@@ -478,8 +479,6 @@ def parse_args() -> argparse.Namespace:
         os.environ["TPU_PLUGIN_DEVICE"] = "cpu"
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         os.environ.setdefault("TPU_PLUGIN_PRECOMPILE", "0")  # start-up compiles are not tested
-        if args.peers_gpu is not None:
-            raise SystemExit("--cpu-dry-run has no second GPU: leave out --peers-gpu")
     if args.peers_gpu is not None:
         # This process and its other children (the engine, the XLA dump) see only their GPU:
         # JAX would otherwise preallocate most of the peers' GPU too (set before CUDA starts).
