@@ -114,7 +114,7 @@ def check_all_compiled(result: planner.PlanResult, mosaic_per_forward: int) -> N
     assert not failed, failed
     assert len(result.compiled) == result.total_programs
     kinds = {c.program.kind for c in result.compiled}
-    assert kinds == {"forward", "sample", "record"}
+    assert kinds == {"forward", "sampler", "record"}
     for c in result.compiled:
         if c.program.kind == "forward":
             assert c.mosaic_calls >= mosaic_per_forward, (c.program.label, c.mosaic_calls)

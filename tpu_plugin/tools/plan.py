@@ -127,7 +127,7 @@ def _wanted(
     seqs = {p.seqs for p in forwards if id(p) in keep}
     first_sampler = {}
     for p in programs:
-        if p.kind == "sample" and p.seqs in seqs:
+        if p.kind == "sampler" and p.seqs in seqs:
             first_sampler.setdefault(p.seqs, p)
     keep |= {id(p) for p in first_sampler.values()}
     return [p for p in programs if id(p) in keep]
@@ -155,7 +155,7 @@ def estimates(result_compiled: list[Any], runner: Any, spec: Any, kv_bytes: int,
             (
                 c
                 for c in result_compiled
-                if c.error is None and c.program.kind == "sample" and c.program.seqs == bucket.seqs
+                if c.error is None and c.program.kind == "sampler" and c.program.seqs == bucket.seqs
             ),
             None,
         )
