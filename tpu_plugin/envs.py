@@ -38,6 +38,17 @@ def default_device(value: str) -> None:
     os.environ.setdefault("TPU_PLUGIN_DEVICE", value)
 
 
+def share_libtpu() -> None:
+    """Sets libtpu's ``ALLOW_MULTIPLE_LIBTPU_LOAD=1`` unless the user set it.
+
+    libtpu takes ``/tmp/libtpu_lockfile`` when it loads, guarding the chips; compiling for
+    abstract TPU devices (``tools/tpu_aot.py``) opens no chip, yet a second process doing so
+    at the same time (another planner, the TPU compile tests) would fail with "Internal error
+    when accessing libtpu multi-process lockfile". Called only by the ahead-of-time tools.
+    """
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
 def active_device() -> str:
     """The backend of an active plugin: ``TPU_PLUGIN_DEVICE``, else ``tpu``.
 

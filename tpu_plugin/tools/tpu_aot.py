@@ -65,6 +65,7 @@ def topology_devices(name: str) -> list[Any]:
         raise ValueError(f"topology {name!r} is not GENERATION:AxB[xC] (e.g. v6e:2x4)")
     single = int(np.prod([int(d) for d in shape.split("x")])) == 1
     host = _HOST_TOPOLOGY.get(generation) if single else None
+    envs.share_libtpu()  # before libtpu loads: concurrent planners must not lock each other out
     with _quiet_stderr():
         try:
             topology = topologies.get_topology_desc(
