@@ -139,6 +139,11 @@ def test_every_precompiled_program_compiles(tmp_path_factory, arch, topology):
     assert result.spec.chip.name == topology.split(":")[0]
     budget = result.spec.hbm_bytes * 0.9 - result.weight_bytes
     assert 0.9 * budget <= result.kv_bytes <= budget
+    # The batch-1 decode estimate: XLA counts megabytes here (the tiny models' weights, the
+    # pages read and per-op overheads); a copy of the KV pages would be gigabytes.
+    (one,) = result.estimates
+    assert one.batch == 1 and one.hand_bytes > result.weight_bytes
+    assert one.bytes_moved < 0.01 * result.kv_bytes, (one.bytes_moved, one.hand_bytes)
     report = planner.format_report(result)
     assert "DOES NOT FIT" not in report and "| 1 |" in report
 
