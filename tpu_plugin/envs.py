@@ -117,6 +117,39 @@ def precompile() -> bool:
     raise ValueError(f"TPU_PLUGIN_PRECOMPILE={value!r} is not valid; choose one of: 1, 0")
 
 
+# The platform the programs being built are for, while the TPU planner compiles for a TPU
+# from a CPU host (compile_for); None: this process's own JAX backend.
+_TARGET: str | None = None
+
+
+def compile_target() -> str | None:
+    """The platform :func:`compile_for` set, or None (no JAX call: safe before JAX starts)."""
+    return _TARGET
+
+
+def target_platform() -> str:
+    """The platform whose choices (``auto`` kernels, static or run-time sampler flags) the
+    programs built now follow: :func:`compile_for`'s, else this process's JAX backend."""
+    if _TARGET is not None:
+        return _TARGET
+    import jax
+
+    return jax.default_backend()
+
+
+@contextlib.contextmanager
+def compile_for(platform: str) -> Iterator[None]:
+    """Builds the enclosed block's programs for ``platform`` (the TPU planner on a CPU host:
+    ``tpu_plugin.tools.tpu_aot.tpu_kernels``): every ``auto`` choice follows the target, not
+    the host, then the host's choices come back."""
+    global _TARGET
+    saved, _TARGET = _TARGET, platform
+    try:
+        yield
+    finally:
+        _TARGET = saved
+
+
 @contextlib.contextmanager
 def kernel_override(*, attention: str, moe: str) -> Iterator[None]:
     """Sets ``TPU_PLUGIN_ATTENTION`` and ``TPU_PLUGIN_MOE`` for the enclosed block, then

@@ -125,14 +125,15 @@ def step_buckets(
 
 def runtime_sampler_flags(platform: str | None = None) -> bool:
     """Whether the sampler decides ``all_greedy`` / ``use_top_k_top_p`` at run time on
-    ``platform`` (JAX's platform name; default: this process's backend).
+    ``platform`` (JAX's platform name; default ``envs.target_platform()``: this process's
+    backend, or the TPU the planner compiles for).
 
     On the CPU a ``lax.cond`` costs nothing and every program costs seconds to compile, so one
     program per logprobs width serves all rows (4x fewer sampler programs). On GPU, XLA reads
     a conditional's predicate on the host, which would stall the asynchronous dispatch of
     every step; TPU and GPU keep one program per flag combination.
     """
-    return (platform or jax.default_backend()) == "cpu"
+    return (platform or envs.target_platform()) == "cpu"
 
 
 _RUNTIME_FLAGS = ("all_greedy", "use_top_k_top_p")
@@ -203,8 +204,9 @@ def startup_programs(runner: Any, platform: str | None = None) -> list[StartupPr
     The forward of every :func:`step_buckets` bucket (page widths bucketed as the runner's
     attention wants), then per sequence bucket, smallest first, every
     :func:`sampler_variants` variant and, under async scheduling, the program that records
-    the sampled tokens. ``platform``: the one the programs are for (default this process's
-    backend); it decides which sampler flags are static.
+    the sampled tokens (a pooling model's runner: the forwards only). ``platform``: the one
+    the programs are for (default ``envs.target_platform()``); it decides which sampler flags
+    are static.
     """
     buckets = step_buckets(
         runner.scheduler_config.max_num_batched_tokens,
@@ -220,6 +222,8 @@ def startup_programs(runner: Any, platform: str | None = None) -> list[StartupPr
         platform,
     )
     programs = [StartupProgram("forward", b.seqs, bucket=b) for b in buckets]
+    if getattr(runner, "pooling", None) is not None:  # pooling models sample nothing
+        return programs
     for seqs in sorted({b.seqs for b in buckets}):
         programs += [StartupProgram("sampler", seqs, flags=flags) for flags in variants]
         # The config's, not runner.async_scheduling: the planner's runner never loads.

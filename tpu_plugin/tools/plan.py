@@ -279,7 +279,10 @@ def plan(
         total_programs=len(programs),
         seconds=time.perf_counter() - start,
         context=context,
-        estimates=estimates(
+        # A pooling model (--runner pooling) runs prefill steps only: no decode to estimate.
+        estimates=[]
+        if getattr(runner, "pooling", None) is not None
+        else estimates(
             compiled,
             runner,
             spec,
@@ -404,6 +407,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quantization")
     parser.add_argument("--no-async-scheduling", action="store_true")
     parser.add_argument(
+        "--runner", choices=("generate", "pooling"), help="vLLM's --runner (pooling: embeddings)"
+    )
+    parser.add_argument(
         "--context", type=int, default=DEFAULT_CONTEXT, help="tokens per sequence in the estimate"
     )
     parser.add_argument(
@@ -446,6 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         kv_cache_dtype=args.kv_cache_dtype,
         quantization=args.quantization,
         async_scheduling=False if args.no_async_scheduling else None,
+        runner=args.runner,
     )
     try:
         result = plan(

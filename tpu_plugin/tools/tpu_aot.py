@@ -97,6 +97,7 @@ class EngineOptions:
     kv_cache_dtype: str = "auto"
     quantization: str | None = None
     async_scheduling: bool | None = None
+    runner: str | None = None  # "generate" or "pooling" (vLLM's --runner)
 
 
 def model_directory(model: str) -> str:
@@ -360,13 +361,15 @@ def compile_program(program: Program) -> Compiled:
 
 @contextlib.contextmanager
 def tpu_kernels() -> Iterator[None]:
-    """The kernels a TPU host runs (Mosaic ragged paged attention and fused MoE), chosen
-    while compiling from this host, whose own JAX backend is a CPU; the choice before is
-    restored after (the tests run CPU engines in the same process)."""
+    """Builds for a TPU host from this host, whose own JAX backend is a CPU: every choice a
+    TPU host makes from its backend (``envs.target_platform``: the kernels, the sampler's
+    static flags, the page-table widths) is the TPU's, with the Mosaic ragged paged attention
+    and fused-MoE kernels; the choices before are restored after (the tests run CPU engines
+    in the same process)."""
     from tpu_plugin.layers.attention import attention_kernel
     from tpu_plugin.layers.moe import moe_kernel
 
-    with envs.kernel_override(attention="pallas", moe="pallas"):
+    with envs.compile_for("tpu"), envs.kernel_override(attention="pallas", moe="pallas"):
         attention_kernel.cache_clear()
         moe_kernel.cache_clear()
         try:
