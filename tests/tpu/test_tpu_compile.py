@@ -84,15 +84,25 @@ MOSAIC_PER_FORWARD = {arch: 2 for arch in CONFIGS} | {
     "Qwen3MoeForCausalLM": 6,
     "DeepseekV3ForCausalLM": 4,
 }
-# The default tier: one dense, one MoE, one MLA family; every architecture runs in CI's
+# The default tier (minutes on 2 cores): one dense, one MoE, one MLA family, each on one
+# generation, so that the attention and fused-MoE kernels compile for both v5e (here) and
+# v6e (the TP + EP test below). Every other (architecture, generation) pair runs in CI's
 # tpu-compile checks (.buildkite/models.yaml) and with -m slow.
-DEFAULT_TIER = ("LlamaForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM")
+DEFAULT_TIER = {
+    ("LlamaForCausalLM", "v5e:1x1"),
+    ("Qwen3MoeForCausalLM", "v5e:1x1"),
+    ("DeepseekV3ForCausalLM", "v6e:1x1"),
+}
+TOPOLOGIES = ("v5e:1x1", "v6e:1x1")
 
 
 def architectures() -> list:
     return [
-        arch if arch in DEFAULT_TIER else pytest.param(arch, marks=pytest.mark.slow)
+        (arch, topology)
+        if (arch, topology) in DEFAULT_TIER
+        else pytest.param(arch, topology, marks=pytest.mark.slow)
         for arch in supported_architectures()
+        for topology in TOPOLOGIES
     ]
 
 
@@ -127,8 +137,7 @@ def check_all_compiled(result: planner.PlanResult, mosaic_per_forward: int) -> N
     assert result.fits and result.kv_tokens > 0
 
 
-@pytest.mark.parametrize("topology", ["v5e:1x1", "v6e:1x1"])
-@pytest.mark.parametrize("arch", architectures())
+@pytest.mark.parametrize("arch, topology", architectures())
 def test_every_precompiled_program_compiles(tmp_path_factory, arch, topology):
     model = config_dir(tmp_path_factory, arch)
     options = tpu_aot.EngineOptions(model=str(model), **ENGINE)
@@ -172,6 +181,34 @@ def test_too_many_devices_names_the_numbers(tmp_path_factory):
     options = tpu_aot.EngineOptions(model=str(model), tensor_parallel_size=2, **ENGINE)
     with pytest.raises(ValueError, match="needs 2 devices; v6e:1x1 has 1"):
         planner.plan(options, "v6e:1x1")
+
+
+def test_auto_choices_follow_the_compile_target(monkeypatch):
+    """``auto`` kernels, the sampler's run-time flags and the page-table buckets are the
+    TPU's while the planner compiles for one (``envs.compile_for``), the host's after."""
+    from tpu_kernels.fused_moe import xla as moe_xla
+    from tpu_plugin import envs
+    from tpu_plugin.layers.attention import attention_kernel, page_table_width_bucketed
+    from tpu_plugin.layers.moe import moe_kernel
+    from tpu_plugin.runner.compile import runtime_sampler_flags
+
+    monkeypatch.delenv("TPU_PLUGIN_ATTENTION", raising=False)
+    monkeypatch.delenv("TPU_PLUGIN_MOE", raising=False)
+
+    def choices() -> tuple:
+        attention_kernel.cache_clear()
+        moe_kernel.cache_clear()
+        moe = moe_kernel() is moe_xla.fused_moe
+        return envs.target_platform(), runtime_sampler_flags(), page_table_width_bucketed(), moe
+
+    try:
+        assert choices() == ("cpu", True, False, True)
+        with envs.compile_for("tpu"):
+            assert choices() == ("tpu", False, True, False)
+        assert choices() == ("cpu", True, False, True)
+    finally:
+        attention_kernel.cache_clear()
+        moe_kernel.cache_clear()
 
 
 def test_device_figures_per_chip_and_per_device():
