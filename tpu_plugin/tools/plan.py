@@ -367,6 +367,8 @@ def format_report(result: PlanResult, *, programs: bool = True) -> str:
     )
     if result.kv_note:
         lines += ["", f"Does not fit: {result.kv_note}."]
+    if o.runner == "pooling":
+        lines += ["", "No decode estimate: a pooling model runs prefill steps only."]
     if result.estimates:
         per = " per engine" if engines > 1 else ""
         lines += [
