@@ -38,6 +38,17 @@ def default_device(value: str) -> None:
     os.environ.setdefault("TPU_PLUGIN_DEVICE", value)
 
 
+def share_libtpu() -> None:
+    """Sets libtpu's ``ALLOW_MULTIPLE_LIBTPU_LOAD=1`` unless the user set it.
+
+    libtpu takes ``/tmp/libtpu_lockfile`` when it loads, guarding the chips; compiling for
+    abstract TPU devices (``tools/tpu_aot.py``) opens no chip, yet a second process doing so
+    at the same time (another planner, the TPU compile tests) would fail with "Internal error
+    when accessing libtpu multi-process lockfile". Called only by the ahead-of-time tools.
+    """
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
 def active_device() -> str:
     """The backend of an active plugin: ``TPU_PLUGIN_DEVICE``, else ``tpu``.
 
@@ -104,6 +115,39 @@ def precompile() -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"TPU_PLUGIN_PRECOMPILE={value!r} is not valid; choose one of: 1, 0")
+
+
+# The platform the programs being built are for, while the TPU planner compiles for a TPU
+# from a CPU host (compile_for); None: this process's own JAX backend.
+_TARGET: str | None = None
+
+
+def compile_target() -> str | None:
+    """The platform :func:`compile_for` set, or None (no JAX call: safe before JAX starts)."""
+    return _TARGET
+
+
+def target_platform() -> str:
+    """The platform whose choices (``auto`` kernels, static or run-time sampler flags) the
+    programs built now follow: :func:`compile_for`'s, else this process's JAX backend."""
+    if _TARGET is not None:
+        return _TARGET
+    import jax
+
+    return jax.default_backend()
+
+
+@contextlib.contextmanager
+def compile_for(platform: str) -> Iterator[None]:
+    """Builds the enclosed block's programs for ``platform`` (the TPU planner on a CPU host:
+    ``tpu_plugin.tools.tpu_aot.tpu_kernels``): every ``auto`` choice follows the target, not
+    the host, then the host's choices come back."""
+    global _TARGET
+    saved, _TARGET = _TARGET, platform
+    try:
+        yield
+    finally:
+        _TARGET = saved
 
 
 @contextlib.contextmanager

@@ -33,10 +33,11 @@ from tpu_plugin.tools import tpu_aot, tpu_specs
 # Small engine: 4 forward buckets, 2 sequence buckets; enough to hit every kind of program.
 ENGINE = dict(max_model_len=128, max_num_seqs=2, max_num_batched_tokens=8)
 
-# Small models, but with TPU-shaped KV rows: head_dim 128 (MLA's latent + rope: 128). A page
-# row narrower than the 128 lanes is padded in HBM and its in-place update becomes a copy of
-# the whole cache (the compiler's memory analysis shows it), which the real models do not do;
-# DeepSeek-V3's own 576-wide latent does (README, "Will it fit?").
+# Small models, but with TPU-shaped KV rows: head_dim 128. A K/V page row narrower than the
+# 128 lanes is laid out by the compiler in an order of its own and every update then copies
+# the whole cache (README, "Will it fit?"), which the real models do not do. MLA's latent +
+# rope (64 + 32) is not a multiple of 128 either, as DeepSeek-V3's 576 is not: its pages
+# are stored in whole 128-lane rows (mla.page_row_width), which this checks.
 WIDE = {**SMALL, "hidden_size": 512}  # 4 heads of 128
 CONFIGS = {
     "LlamaForCausalLM": lambda: LlamaConfig(**WIDE),
@@ -69,7 +70,7 @@ CONFIGS = {
         n_shared_experts=1,
         q_lora_rank=48,
         kv_lora_rank=64,
-        qk_rope_head_dim=64,
+        qk_rope_head_dim=32,
         qk_nope_head_dim=32,
         v_head_dim=32,
         max_position_embeddings=512,
@@ -83,15 +84,25 @@ MOSAIC_PER_FORWARD = {arch: 2 for arch in CONFIGS} | {
     "Qwen3MoeForCausalLM": 6,
     "DeepseekV3ForCausalLM": 4,
 }
-# The default tier: one dense, one MoE, one MLA family; every architecture runs in CI's
+# The default tier (minutes on 2 cores): one dense, one MoE, one MLA family, each on one
+# generation, so that the attention and fused-MoE kernels compile for both v5e (here) and
+# v6e (the TP + EP test below). Every other (architecture, generation) pair runs in CI's
 # tpu-compile checks (.buildkite/models.yaml) and with -m slow.
-DEFAULT_TIER = ("LlamaForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM")
+DEFAULT_TIER = {
+    ("LlamaForCausalLM", "v5e:1x1"),
+    ("Qwen3MoeForCausalLM", "v5e:1x1"),
+    ("DeepseekV3ForCausalLM", "v6e:1x1"),
+}
+TOPOLOGIES = ("v5e:1x1", "v6e:1x1")
 
 
 def architectures() -> list:
     return [
-        arch if arch in DEFAULT_TIER else pytest.param(arch, marks=pytest.mark.slow)
+        (arch, topology)
+        if (arch, topology) in DEFAULT_TIER
+        else pytest.param(arch, topology, marks=pytest.mark.slow)
         for arch in supported_architectures()
+        for topology in TOPOLOGIES
     ]
 
 
@@ -114,16 +125,19 @@ def check_all_compiled(result: planner.PlanResult, mosaic_per_forward: int) -> N
     assert not failed, failed
     assert len(result.compiled) == result.total_programs
     kinds = {c.program.kind for c in result.compiled}
-    assert kinds == {"forward", "sample", "record"}
+    assert kinds == {"forward", "sampler", "record"}
     for c in result.compiled:
         if c.program.kind == "forward":
             assert c.mosaic_calls >= mosaic_per_forward, (c.program.label, c.mosaic_calls)
             assert c.peak_bytes >= result.weight_bytes + result.kv_bytes
+            # No copy of the KV pages (one layer's K alone is a quarter of them): these
+            # engines' steps read a few pages, and their temporaries are activations.
+            assert c.temp_bytes < 0.1 * result.kv_bytes, (c.program.label, c.temp_bytes)
+            assert c.bytes_accessed < result.weight_bytes + 0.1 * result.kv_bytes, c.program.label
     assert result.fits and result.kv_tokens > 0
 
 
-@pytest.mark.parametrize("topology", ["v5e:1x1", "v6e:1x1"])
-@pytest.mark.parametrize("arch", architectures())
+@pytest.mark.parametrize("arch, topology", architectures())
 def test_every_precompiled_program_compiles(tmp_path_factory, arch, topology):
     model = config_dir(tmp_path_factory, arch)
     options = tpu_aot.EngineOptions(model=str(model), **ENGINE)
@@ -134,6 +148,11 @@ def test_every_precompiled_program_compiles(tmp_path_factory, arch, topology):
     assert result.spec.chip.name == topology.split(":")[0]
     budget = result.spec.hbm_bytes * 0.9 - result.weight_bytes
     assert 0.9 * budget <= result.kv_bytes <= budget
+    # The batch-1 decode estimate: XLA counts megabytes here (the tiny models' weights, the
+    # pages read and per-op overheads); a copy of the KV pages would be gigabytes.
+    (one,) = result.estimates
+    assert one.batch == 1 and one.hand_bytes > result.weight_bytes
+    assert one.bytes_moved < 0.01 * result.kv_bytes, (one.bytes_moved, one.hand_bytes)
     report = planner.format_report(result)
     assert "DOES NOT FIT" not in report and "| 1 |" in report
 
@@ -162,6 +181,34 @@ def test_too_many_devices_names_the_numbers(tmp_path_factory):
     options = tpu_aot.EngineOptions(model=str(model), tensor_parallel_size=2, **ENGINE)
     with pytest.raises(ValueError, match="needs 2 devices; v6e:1x1 has 1"):
         planner.plan(options, "v6e:1x1")
+
+
+def test_auto_choices_follow_the_compile_target(monkeypatch):
+    """``auto`` kernels, the sampler's run-time flags and the page-table buckets are the
+    TPU's while the planner compiles for one (``envs.compile_for``), the host's after."""
+    from tpu_kernels.fused_moe import xla as moe_xla
+    from tpu_plugin import envs
+    from tpu_plugin.layers.attention import attention_kernel, page_table_width_bucketed
+    from tpu_plugin.layers.moe import moe_kernel
+    from tpu_plugin.runner.compile import runtime_sampler_flags
+
+    monkeypatch.delenv("TPU_PLUGIN_ATTENTION", raising=False)
+    monkeypatch.delenv("TPU_PLUGIN_MOE", raising=False)
+
+    def choices() -> tuple:
+        attention_kernel.cache_clear()
+        moe_kernel.cache_clear()
+        moe = moe_kernel() is moe_xla.fused_moe
+        return envs.target_platform(), runtime_sampler_flags(), page_table_width_bucketed(), moe
+
+    try:
+        assert choices() == ("cpu", True, False, True)
+        with envs.compile_for("tpu"):
+            assert choices() == ("tpu", False, True, False)
+        assert choices() == ("cpu", True, False, True)
+    finally:
+        attention_kernel.cache_clear()
+        moe_kernel.cache_clear()
 
 
 def test_device_figures_per_chip_and_per_device():

@@ -84,7 +84,7 @@ def moe_kernel() -> Callable[..., jax.Array]:
 
     choice = envs.moe_impl()
     if choice == "auto":
-        choice = "pallas" if jax.default_backend() == "tpu" else "xla"
+        choice = "pallas" if envs.target_platform() == "tpu" else "xla"
     if choice == "xla":
         return xla.fused_moe
     if choice == "reference":
