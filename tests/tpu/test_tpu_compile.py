@@ -10,10 +10,12 @@ kernel's tuning-table block sizes of every generation the table names.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 from transformers import (
+    BertConfig,
     DeepseekV3Config,
     Gemma3TextConfig,
     LlamaConfig,
@@ -23,6 +25,8 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
     Qwen3MoeConfig,
+    RobertaConfig,
+    XLMRobertaConfig,
 )
 
 from tests.conftest import SMALL
@@ -76,22 +80,50 @@ CONFIGS = {
         max_position_embeddings=512,
     ),
 }
+# Pooling models (--runner pooling): their forwards return pooled rows. The decoders are
+# the generative ports without lm_head; the BERT family is the encoder port, whose
+# bidirectional attention is plain XLA over the step's own keys (no Mosaic kernel).
+ENCODER = dict(
+    vocab_size=512,
+    hidden_size=512,  # 4 heads of 128
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=130,  # 128 positions after RoBERTa's padding offset
+    pad_token_id=1,
+    position_embedding_type="absolute",  # vLLM reads it; transformers 5 drops the default
+)
+POOLING = {
+    "LlamaModel": lambda: LlamaConfig(**WIDE),
+    "MistralModel": lambda: MistralConfig(**WIDE, sliding_window=64),
+    "Qwen2Model": lambda: Qwen2Config(**WIDE),
+    "BertModel": lambda: BertConfig(**ENCODER, type_vocab_size=2),
+    "RobertaModel": lambda: RobertaConfig(**ENCODER, type_vocab_size=1),
+    "XLMRobertaModel": lambda: XLMRobertaConfig(**ENCODER, type_vocab_size=1),
+}
+CONFIGS |= POOLING
+ENCODERS = ("BertModel", "RobertaModel", "XLMRobertaModel")
 # Pallas TPU kernels per forward: ragged paged attention per layer (2 layers), plus the two
 # fused-MoE kernels per MoE layer; DeepSeek-V3's MLA attention is plain XLA (3 layers, the
 # first dense).
-MOSAIC_PER_FORWARD = {arch: 2 for arch in CONFIGS} | {
-    "MixtralForCausalLM": 6,
-    "Qwen3MoeForCausalLM": 6,
-    "DeepseekV3ForCausalLM": 4,
-}
-# The default tier (minutes on 2 cores): one dense, one MoE, one MLA family, each on one
-# generation, so that the attention and fused-MoE kernels compile for both v5e (here) and
-# v6e (the TP + EP test below). Every other (architecture, generation) pair runs in CI's
-# tpu-compile checks (.buildkite/models.yaml) and with -m slow.
+MOSAIC_PER_FORWARD = (
+    {arch: 2 for arch in CONFIGS}
+    | {
+        "MixtralForCausalLM": 6,
+        "Qwen3MoeForCausalLM": 6,
+        "DeepseekV3ForCausalLM": 4,
+    }
+    | dict.fromkeys(ENCODERS, 0)
+)
+# The default tier (minutes on 2 cores): one dense, one MoE, one MLA family and the encoder
+# (pooling), each on one generation, so that the attention and fused-MoE kernels compile for
+# both v5e (here) and v6e (the TP + EP test below). Every other (architecture, generation)
+# pair runs in CI's tpu-compile checks (.buildkite/models.yaml) and with -m slow.
 DEFAULT_TIER = {
     ("LlamaForCausalLM", "v5e:1x1"),
     ("Qwen3MoeForCausalLM", "v5e:1x1"),
     ("DeepseekV3ForCausalLM", "v6e:1x1"),
+    ("BertModel", "v6e:1x1"),
 }
 TOPOLOGIES = ("v5e:1x1", "v6e:1x1")
 
@@ -119,13 +151,24 @@ def config_dir(tmp_path_factory: pytest.TempPathFactory, arch: str) -> Path:
     return out
 
 
+def engine_options(model: Path, arch: str) -> tpu_aot.EngineOptions:
+    """The test engine; pooling architectures run as vLLM's pooling runner. An encoder's
+    input arrives in one step (no chunked prefill), so a step holds ``max_model_len``."""
+    engine = ENGINE | (
+        dict(max_model_len=16, max_num_batched_tokens=16) if arch in ENCODERS else {}
+    )
+    runner = "pooling" if arch in POOLING else None
+    return tpu_aot.EngineOptions(model=str(model), runner=runner, **engine)
+
+
 def check_all_compiled(result: planner.PlanResult, mosaic_per_forward: int) -> None:
     """Every program start-up compiles compiled, with the Mosaic kernels, and fits."""
     failed = [(c.program.label, c.error) for c in result.compiled if c.error is not None]
     assert not failed, failed
     assert len(result.compiled) == result.total_programs
     kinds = {c.program.kind for c in result.compiled}
-    assert kinds == {"forward", "sampler", "record"}
+    pooling = result.options.runner == "pooling"  # forwards only: pooling samples nothing
+    assert kinds == ({"forward"} if pooling else {"forward", "sampler", "record"})
     for c in result.compiled:
         if c.program.kind == "forward":
             assert c.mosaic_calls >= mosaic_per_forward, (c.program.label, c.mosaic_calls)
@@ -140,14 +183,16 @@ def check_all_compiled(result: planner.PlanResult, mosaic_per_forward: int) -> N
 @pytest.mark.parametrize("arch, topology", architectures())
 def test_every_precompiled_program_compiles(tmp_path_factory, arch, topology):
     model = config_dir(tmp_path_factory, arch)
-    options = tpu_aot.EngineOptions(model=str(model), **ENGINE)
-    result = planner.plan(options, topology)
+    result = planner.plan(engine_options(model, arch), topology)
     check_all_compiled(result, MOSAIC_PER_FORWARD[arch])
     # One chip of the generation, with its documented HBM; the KV pages take the rest.
     assert result.devices == 1
     assert result.spec.chip.name == topology.split(":")[0]
     budget = result.spec.hbm_bytes * 0.9 - result.weight_bytes
     assert 0.9 * budget <= result.kv_bytes <= budget
+    if arch in POOLING:  # prefill steps only: no decode estimate
+        assert not result.estimates
+        return
     # The batch-1 decode estimate: XLA counts megabytes here (the tiny models' weights, the
     # pages read and per-op overheads); a copy of the KV pages would be gigabytes.
     (one,) = result.estimates
@@ -311,3 +356,23 @@ def test_tuning_table_block_sizes_compile(generation, num_q_heads, num_kv_heads,
     compiled = lowered.compile()
     assert 'custom_call_target="tpu_custom_call"' in compiled.as_text()
     assert sizes.vmem_limit_bytes <= tuning.GENERATIONS[generation].vmem_bytes
+
+
+def test_tpu_engine_follows_the_target_not_this_cpu_host(tmp_path_factory):
+    """Built for a TPU from this CPU host, the engine gets what a TPU host gets: the sampler's
+    static flags (no run-time logprobs switch in its inputs) and vLLM's step size, not the
+    CPU's per-core default (platform.cpu_batch_defaults)."""
+    from tpu_plugin.platform import CPU_TOKENS_PER_CORE
+    from tpu_plugin.runner.compile import dummy_sampling_inputs
+
+    model = config_dir(tmp_path_factory, "LlamaForCausalLM")
+    with tpu_aot.tpu_kernels():
+        config = tpu_aot.engine_config(tpu_aot.EngineOptions(model=str(model), max_model_len=128))
+        engine = tpu_aot.AbstractEngine(config, tpu_aot.topology_devices("v6e:1x1"))
+        inputs = dummy_sampling_inputs(engine.runner, 2)
+    assert inputs.want_logprobs is None
+    assert config.scheduler_config.max_num_batched_tokens == 2048  # vllm serve's default
+    # The same process on its own CPU backend keeps the CPU's choices.
+    cpu = tpu_aot.engine_config(tpu_aot.EngineOptions(model=str(model), max_model_len=128))
+    cap = max(256, CPU_TOKENS_PER_CORE * (os.cpu_count() or 1))
+    assert cpu.scheduler_config.max_num_batched_tokens == min(2048, cap)

@@ -272,14 +272,10 @@ def checkpoint_renamer(names: list[str], wanted: set[str]) -> Any:
     return max(candidates, key=hits)  # the first best: plain names win ties
 
 
-def load_model(
-    model_dir: str, hf_config: Any, dtype: jnp.dtype, *, drop: tuple[str, ...] = ()
-) -> nnx.Module:
-    """The architecture's flax model with the checkpoint's weights, in ``dtype``.
-
-    ``drop`` names top-level modules the caller never runs (a pooling model's ``lm_head``):
-    they are removed before loading, so the checkpoint need not have them.
-    """
+def abstract_model(hf_config: Any, dtype: jnp.dtype, *, drop: tuple[str, ...] = ()) -> nnx.Module:
+    """The architecture's flax model as shapes only (``nnx.eval_shape``), without the
+    top-level modules named in ``drop``: what :func:`load_model` fills, and what the TPU
+    planner (``tpu_plugin.tools.tpu_aot``) compiles with abstract parameters."""
     model_class = resolve_model_class(list(hf_config.architectures or []))
 
     def build() -> nnx.Module:
@@ -289,7 +285,19 @@ def load_model(
                 delattr(model, name)
         return model
 
-    abstract = nnx.eval_shape(build)
+    return nnx.eval_shape(build)
+
+
+def load_model(
+    model_dir: str, hf_config: Any, dtype: jnp.dtype, *, drop: tuple[str, ...] = ()
+) -> nnx.Module:
+    """The architecture's flax model with the checkpoint's weights, in ``dtype``.
+
+    ``drop`` names top-level modules the caller never runs (a pooling model's ``lm_head``):
+    they are removed before loading, so the checkpoint need not have them.
+    """
+    model_class = resolve_model_class(list(hf_config.architectures or []))
+    abstract = abstract_model(hf_config, dtype, drop=drop)
     graphdef, state = nnx.split(abstract)
     wanted = {_param_name(path): leaf for path, leaf in nnx.to_flat_state(state)}
     fused = model_class.fused_checkpoint_tensors(hf_config)

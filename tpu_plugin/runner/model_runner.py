@@ -123,6 +123,8 @@ class JaxModelRunner:
         self.pooling = (
             PoolingRunner(vllm_config) if self.model_config.runner_type == "pooling" else None
         )
+        # Modules never run, so never loaded (embedding checkpoints often have no lm_head).
+        self.unused_modules = ("lm_head",) if self.pooling else ()
         self.requests: dict[str, RequestState] = {}
         self.batch = InputBatch(
             self.max_num_seqs,
@@ -174,8 +176,7 @@ class JaxModelRunner:
             self._aot_forward, self._compiled = self._forward, {}
             logger.info("loaded %s (torchax) in %.1f s", model_dir, time.perf_counter() - start)
             return
-        drop = ("lm_head",) if self.pooling else ()  # embedding checkpoints often have none
-        self.model = load_model(model_dir, self.hf_config, self.dtype, drop=drop)
+        self.model = load_model(model_dir, self.hf_config, self.dtype, drop=self.unused_modules)
         graphdef, self.params = nnx.split(self.model)
         pooling = self.pooling
         # Tensor/expert parallelism: parameters onto the mesh (tpu_plugin/parallel/sharding.py).

@@ -206,7 +206,7 @@ class AbstractEngine:
     ``tensor_parallel_size`` devices) with abstract parameters; KV pages via :meth:`set_kv`."""
 
     def __init__(self, vllm_config: Any, devices: list[Any]):
-        from tpu_plugin.models.registry import resolve_model_class
+        from tpu_plugin.models.loader import abstract_model
         from tpu_plugin.parallel import ShardingPlan
         from tpu_plugin.parallel.mesh import build_mesh, layout_from
         from tpu_plugin.runner.model_runner import JaxModelRunner, jitted_forward
@@ -224,11 +224,11 @@ class AbstractEngine:
         layout = layout_from(runner.hf_config, tp, bool(parallel.enable_expert_parallel))
         self.plan = ShardingPlan(build_mesh(tp, devices), layout)
         runner.sharding_plan = self.plan
-        model_class = resolve_model_class(list(runner.model_config.architectures or []))
-        abstract = nnx.eval_shape(lambda: model_class(runner.hf_config, runner.dtype))
+        abstract = abstract_model(runner.hf_config, runner.dtype, drop=runner.unused_modules)
         graphdef, state = nnx.split(abstract)
         self.params = self.plan.abstract_params(state)
-        self.forward = jitted_forward(graphdef, self.plan)
+        # A pooling model's forward returns its pooled rows (runner/pooling.py), as served.
+        self.forward = jitted_forward(graphdef, self.plan, runner.pooling)
         self.kv_caches: list = []
         self.num_blocks = 0
 
