@@ -25,10 +25,12 @@ import glob
 import json
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from safetensors import safe_open
 from vllm.logger import init_logger
@@ -97,7 +99,7 @@ def _cut(name: str, tensor: jax.Array, targets: list[tuple[str, int | None]]) ->
             f"({', '.join(t for t, _ in targets)}) need {sum(rows)}"
         )
     bounds = [sum(rows[:i]) for i in range(1, len(rows))]
-    return jnp.split(tensor, bounds, axis=0)
+    return (np if isinstance(tensor, np.ndarray) else jnp).split(tensor, bounds, axis=0)
 
 
 class _Stacker:
@@ -154,8 +156,10 @@ class _Stacker:
         if missing:
             shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
             raise CheckpointError(f"{target} cannot be assembled: the checkpoint lacks {shown}")
-        value = jnp.stack(
-            [jnp.concatenate([parts[(e, first)] for first, _ in rules]) for e in range(expected[0])]
+        # Parts read into host memory (``load_model``'s ``host``) are stacked there.
+        xp = np if isinstance(next(iter(parts.values())), np.ndarray) else jnp
+        value = xp.stack(
+            [xp.concatenate([parts[(e, first)] for first, _ in rules]) for e in range(expected[0])]
         )
         if tuple(value.shape) != expected:
             raise CheckpointError(
@@ -189,13 +193,21 @@ def checkpoint_renamer(names: list[str], wanted: set[str]) -> Any:
 
 
 def load_model(
-    model_dir: str, hf_config: Any, dtype: jnp.dtype, *, drop: tuple[str, ...] = ()
+    model_dir: str,
+    hf_config: Any,
+    dtype: jnp.dtype,
+    *,
+    drop: tuple[str, ...] = (),
+    host: Callable[[str], bool] | None = None,
 ) -> nnx.Module:
     """The architecture's flax model with the checkpoint's weights, in ``dtype``.
 
     ``drop`` names top-level modules the caller never runs (a pooling model's ``lm_head``):
-    they are removed before loading, so the checkpoint need not have them.
+    they are removed before loading, so the checkpoint need not have them. Parameters whose
+    name ``host`` accepts are read into host memory as NumPy arrays and never touch the
+    device (MoE offload's routed experts, which may not fit there: runner/expert_cache.py).
     """
+    on_host = host or (lambda name: False)
     model_class = resolve_model_class(list(hf_config.architectures or []))
 
     def build() -> nnx.Module:
@@ -221,13 +233,17 @@ def load_model(
             names += list(reader.keys())  # noqa: SIM118 (safe_open is not a dict)
     rename = checkpoint_renamer(names, set(wanted))
     for file in files:
-        with safe_open(file, framework="flax") as reader:
+        with (
+            safe_open(file, framework="flax") as reader,
+            safe_open(file, framework="numpy") as host_reader,
+        ):
             for stored in reader.keys():  # noqa: SIM118 (safe_open is not a dict)
                 name = rename(stored)
                 hit = stacker.match(name)
                 if hit is not None and hit[0] in wanted:
                     expected = tuple(wanted[hit[0]].get_value().shape)
-                    tensor = reader.get_tensor(stored).astype(wanted[hit[0]].get_value().dtype)
+                    source = host_reader if on_host(hit[0]) else reader
+                    tensor = source.get_tensor(stored).astype(wanted[hit[0]].get_value().dtype)
                     stacker.add(name, tensor, hit, expected)
                     continue
                 targets = split_targets(name, fused)
@@ -235,7 +251,8 @@ def load_model(
                     if not name.endswith(_IGNORED_SUFFIXES):
                         unexpected.append(name)
                     continue
-                tensor = reader.get_tensor(stored)
+                source = host_reader if any(on_host(t) for t, _ in targets) else reader
+                tensor = source.get_tensor(stored)
                 for (target, _), part in zip(targets, _cut(name, tensor, targets), strict=True):
                     if target not in wanted:
                         unexpected.append(target)
