@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 from vllm.logger import init_logger
 
-from tpu_kernels.ragged_paged_attention.reference import token_layout
+from tpu_kernels.ragged_paged_attention.reference import in_blocks, token_layout
 from tpu_plugin import envs
 from tpu_plugin.layers.attention import AttentionMetadata
 from tpu_plugin.layers.linear import Linear
@@ -161,10 +161,6 @@ def mla_paged_attention(
     block = min(token_block, num_tokens)
     padded = -(-num_tokens // block) * block
 
-    def blocks(x: jax.Array, fill: int | bool = 0) -> jax.Array:
-        x = jnp.pad(x, [(0, padded - num_tokens)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
-        return x.reshape(padded // block, block, *x.shape[1:])
-
     key_position = jnp.arange(kv_width, dtype=jnp.int32)
 
     def attend(args: tuple[jax.Array, ...]) -> jax.Array:
@@ -184,7 +180,13 @@ def mla_paged_attention(
         return jnp.where(denom > 0, out / jnp.where(denom > 0, denom, 1.0), 0.0)
 
     out = jax.lax.map(
-        attend, (blocks(queries), blocks(seq_of_token), blocks(position), blocks(is_real, False))
+        attend,
+        (
+            in_blocks(queries, block),
+            in_blocks(seq_of_token, block),
+            in_blocks(position, block),
+            in_blocks(is_real, block, False),
+        ),
     )
     return out.reshape(padded, num_heads, value_dim)[:num_tokens]
 
