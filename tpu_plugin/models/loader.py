@@ -30,6 +30,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
@@ -192,6 +193,39 @@ def checkpoint_renamer(names: list[str], wanted: set[str]) -> Any:
     return max(candidates, key=hits)  # the first best: plain names win ties
 
 
+# safetensors dtype names -> NumPy dtypes (ml_dtypes, JAX's own, for the ones NumPy lacks).
+_HOST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64,
+    "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}  # fmt: skip
+
+
+class HostReader:
+    """A safetensors file's tensors as NumPy arrays in host memory, for ``load_model``'s
+    ``host`` parameters. safetensors' own NumPy reader cannot return bfloat16 (NumPy has no
+    such type), the dtype of nearly every MoE checkpoint; this one maps the file and views the
+    bytes with ml_dtypes' types, so nothing passes through the device."""
+
+    def __init__(self, path: str):
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        self.header = header
+        self.data = np.memmap(path, np.uint8, mode="r", offset=8 + size)
+
+    def get_tensor(self, name: str) -> np.ndarray:
+        entry = self.header[name]
+        if entry["dtype"] not in _HOST_DTYPES:
+            raise CheckpointError(
+                f"{name} is {entry['dtype']}, which MoE offload cannot read into host memory"
+            )
+        begin, end = entry["data_offsets"]
+        raw = self.data[begin:end].view(_HOST_DTYPES[entry["dtype"]])
+        return raw.reshape(entry["shape"])  # a view of the map: load_model's astype copies
+
+
 def load_model(
     model_dir: str,
     hf_config: Any,
@@ -233,10 +267,8 @@ def load_model(
             names += list(reader.keys())  # noqa: SIM118 (safe_open is not a dict)
     rename = checkpoint_renamer(names, set(wanted))
     for file in files:
-        with (
-            safe_open(file, framework="flax") as reader,
-            safe_open(file, framework="numpy") as host_reader,
-        ):
+        host_reader = HostReader(file)
+        with safe_open(file, framework="flax") as reader:
             for stored in reader.keys():  # noqa: SIM118 (safe_open is not a dict)
                 name = rename(stored)
                 hit = stacker.match(name)
