@@ -150,11 +150,12 @@ def initial_cache(
     keys: jax.Array,
 ) -> ExpertCache:
     """A cache whose first slots hold the experts ``keys`` (their rows ``gate_up`` / ``down``,
-    ``[len(keys), ...]``, already on the device); the rest of the ``N`` slots start empty."""
+    ``[len(keys), ...]`` or already the cache's ``[N + 1, ...]``, on the device); the rest of
+    the ``N`` slots start empty."""
     n, filled = spec.slots, int(keys.shape[0])
     if filled > n:
         raise ValueError(f"{filled} initial experts for {n} slots")
-    pad = ((0, n + 1 - filled), (0, 0), (0, 0))
+    pad = ((0, n + 1 - gate_up.shape[0]), (0, 0), (0, 0))
     slot_key = jnp.full((n + 1,), EMPTY, jnp.int32).at[:filled].set(keys).at[n].set(TRASH)
     slot_of = jnp.full((spec.keys,), -1, jnp.int32).at[keys].set(jnp.arange(filled))
     rows = spec.rows if spec.policy == "predict" else 0
