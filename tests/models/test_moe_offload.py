@@ -41,7 +41,14 @@ def run_steps(model_dir, prompts, steps: int, offload=None, affinity=None):
 PROMPTS = random_prompts(SMALL["vocab_size"], (5, 17, 3, 11))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# The default tier proves one family (each costs ~6 step compiles); the others run with -m slow.
+FAMILY_TIERS = [
+    family if family == "qwen3-moe" else pytest.param(family, marks=pytest.mark.slow)
+    for family in FAMILIES
+]
+
+
+@pytest.mark.parametrize("family", FAMILY_TIERS)
 def test_offloaded_logits_equal_resident(tmp_path, family):
     """Both policies, a cache of 3 slots per MoE layer (6 < one layer's 8 experts): every
     step's logits equal the resident model's exactly; the cache fetched, evicted, prefetched
@@ -62,6 +69,7 @@ def test_offloaded_logits_equal_resident(tmp_path, family):
             assert counts["prefetched"] == counts["wasted_prefetches"] == 0
 
 
+@pytest.mark.slow
 def test_offload_with_a_cache_holding_every_expert_fetches_nothing(tmp_path):
     """``TPU_PLUGIN_MOE_OFFLOAD_CACHE=1.0``: the cache starts with every expert; no copy."""
     model_dir = make_checkpoint(tmp_path, "qwen3-moe")
@@ -71,6 +79,7 @@ def test_offload_with_a_cache_holding_every_expert_fetches_nothing(tmp_path):
     assert counts["fetched"] == 0 and counts["hit_rate"] == 1.0
 
 
+@pytest.mark.slow
 def test_history_beats_lru_on_a_skewed_router(tmp_path):
     """Four requests, each with its own Zipf(1.2) expert affinity per layer, 12 decode steps
     on a cache of 4 slots per layer (half a layer): the per-request history keeps each
