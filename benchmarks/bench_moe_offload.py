@@ -1,6 +1,6 @@
 """MoE experts in host memory on the lent GPU, in one call; the tables print last.
 
-    python3 benchmarks/bench_moe_offload.py [--smoke] [--layers 12] [--cap-gib 8]
+    python3 benchmarks/bench_moe_offload.py [--smoke] [--layers 12] [--cap-gib 8] [--only S]
 
 1. A Qwen3-30B-A3B-shaped bf16 checkpoint (128 experts, top-8, hidden 2048, expert width 768,
    32 query / 4 KV heads; ``--layers`` decoder layers, 48 in the real model) with random
@@ -36,7 +36,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 OUT = os.environ.get("OUT", "/tmp")
-RESULTS_PATH = os.path.join(OUT, "moe_offload.json")
+# Kept outside $OUT (a fresh folder per device call) so --only calls add to one file; each save
+# also copies it into $OUT.
+RESULTS_PATH = "/tmp/bench_moe_offload.json"
 SKEWS = (0.0, 0.8, 1.2)  # Zipf exponents of the per-request affinity; 1.2: see NOTES
 BATCHES = (1, 8)
 POLICIES = ("predict", "lru")
@@ -78,8 +80,9 @@ def load_results() -> dict:
 
 def save(update: dict) -> None:
     results = load_results() | update
-    with open(RESULTS_PATH, "w") as f:
-        json.dump(results, f, indent=1)
+    for where in (RESULTS_PATH, os.path.join(OUT, "moe_offload.json")):
+        with open(where, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -269,6 +272,11 @@ def main() -> None:
     parser.add_argument(
         "--cap-gib", type=float, default=None, help="offloaded engines' device memory"
     )
+    parser.add_argument(
+        "--only",
+        choices=("steps", "engine"),
+        help="one stage (a call under a time limit); reuses the checkpoint and the results file",
+    )
     parser.add_argument("--stage", choices=("steps", "engine"), help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
@@ -288,10 +296,15 @@ def main() -> None:
     layers = args.layers or (2 if args.smoke else 12)
     cap = int((args.cap_gib or (2 if args.smoke else 8)) * 2**30)
     path = f"/tmp/qwen3-moe-{'smoke' if args.smoke else layers}-random"
-    if os.path.exists(RESULTS_PATH):
+    if os.path.exists(RESULTS_PATH) and not args.only:
         os.remove(RESULTS_PATH)
     start = time.perf_counter()
-    model_bytes = write_checkpoint(path, qwen3_moe_config(layers, args.smoke))
+    index = os.path.join(path, "model.safetensors.index.json")
+    if args.only and os.path.exists(index):  # written by an earlier call on this machine
+        with open(index) as f:
+            model_bytes = json.load(f)["metadata"]["total_size"]
+    else:
+        model_bytes = write_checkpoint(path, qwen3_moe_config(layers, args.smoke))
     torch.cuda.empty_cache()  # the children need the GPU
     total = torch.cuda.get_device_properties(0).total_memory
     save({"model_bytes": model_bytes, "checkpoint_s": time.perf_counter() - start, "cap": cap})
@@ -300,8 +313,9 @@ def main() -> None:
         f"{cap / 2**30:.1f} GiB"
     )
     me = [sys.executable, os.path.abspath(__file__)] + (["--smoke"] if args.smoke else [])
-    subprocess.run([*me, "--stage", "steps", "--path", path], check=False)
-    for mode in ("resident", *POLICIES):
+    if args.only != "engine":
+        subprocess.run([*me, "--stage", "steps", "--path", path], check=False)
+    for mode in ("resident", *POLICIES) if args.only != "steps" else ():
         env = dict(os.environ)
         if mode != "resident":
             env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{cap / total:.4f}"
