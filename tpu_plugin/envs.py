@@ -90,6 +90,72 @@ def moe_impl() -> str:
     return _choice("TPU_PLUGIN_MOE", MOE_IMPLS, "auto") or "auto"
 
 
+MOE_OFFLOAD_POLICIES = ("off", "predict", "lru")
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10,
+               "mib": 2**20, "gib": 2**30}  # fmt: skip
+
+
+def moe_offload(raw: str | None = None) -> str:
+    """``TPU_PLUGIN_MOE_OFFLOAD``: off (default) | predict | lru.
+
+    ``predict`` and ``lru`` keep the routed experts of every MoE layer in host memory with a
+    device expert cache (``tpu_plugin.layers.moe_offload``): ``predict`` orders eviction and
+    prefetches by a per-request expert-activation history, ``lru`` is the plain
+    least-recently-used baseline. ``raw``: a value given another way (vLLM's
+    ``--additional-config``, ``runner/expert_cache.py``) instead of the environment's.
+    """
+    if raw is None:
+        return _choice("TPU_PLUGIN_MOE_OFFLOAD", MOE_OFFLOAD_POLICIES, "off") or "off"
+    value = str(raw).strip().lower() or "off"
+    if value not in MOE_OFFLOAD_POLICIES:
+        raise ValueError(
+            f"moe_offload={raw!r} is not valid; choose one of: {', '.join(MOE_OFFLOAD_POLICIES)}"
+        )
+    return value
+
+
+def moe_offload_cache(raw: str | None = None) -> tuple[str, float]:
+    """``TPU_PLUGIN_MOE_OFFLOAD_CACHE``: the device expert cache's size (default ``0.25``).
+
+    ``32``: experts per MoE layer (slots are shared by all layers: ``32 x layers`` in all);
+    ``0.25``: that fraction of all routed experts; ``12GiB`` / ``500MB``: bytes. Returns
+    ``("experts" | "fraction" | "bytes", value)``. ``raw``: as in :func:`moe_offload`.
+    """
+    if raw is None:
+        raw = os.environ.get("TPU_PLUGIN_MOE_OFFLOAD_CACHE", "")
+    raw = str(raw).strip().lower() or "0.25"
+    number = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = raw[len(number) :]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit in _BYTE_UNITS and unit and value > 0:
+        return "bytes", value * _BYTE_UNITS[unit]
+    if not unit and value.is_integer() and value >= 1 and "." not in number:
+        return "experts", value
+    if not unit and 0 < value <= 1:
+        return "fraction", value
+    raise ValueError(
+        f"TPU_PLUGIN_MOE_OFFLOAD_CACHE={raw!r} is not valid; give experts per MoE layer "
+        "(32), a fraction of all experts (0.25) or bytes (12GiB, 500MB)"
+    )
+
+
+def moe_offload_prefetch(raw: str | int | None = None) -> int:
+    """``TPU_PLUGIN_MOE_OFFLOAD_PREFETCH``: prefetch copies per step for ``predict`` (default
+    4, 0 turns prefetch off); each is one expert, spread over groups of layers. ``raw``: as
+    in :func:`moe_offload`."""
+    if raw is None:
+        raw = os.environ.get("TPU_PLUGIN_MOE_OFFLOAD_PREFETCH", "4")
+    text = str(raw).strip()
+    if not text.isdigit():
+        raise ValueError(
+            f"TPU_PLUGIN_MOE_OFFLOAD_PREFETCH={raw!r} is not valid; give a count (0 or more)"
+        )
+    return int(text)
+
+
 def plugin_home() -> str:
     """``TPU_PLUGIN_HOME``: cache root for built models and compiled programs."""
     default = os.path.join(os.path.expanduser("~"), ".cache", "tpu-plugin")

@@ -221,6 +221,28 @@ def test_tensor_and_expert_parallel_on_v6e_2x2(tmp_path_factory):
     assert result.kv_blocks > 3 * single.kv_blocks
 
 
+@pytest.mark.slow  # ~80 s here: two offloaded forwards through libtpu
+def test_moe_offload_step_compiles_for_v6e(tmp_path_factory, monkeypatch):
+    """MoE offload (``predict``, 3 slots per MoE layer: 6 of 16 experts) through the real
+    TPU compiler: the largest forward (a prefill, whose layers may overflow into passes) and
+    the decode forward compile with the fused-MoE Mosaic kernel over the cache; the planner
+    counts the expert cache with the weights and reports the routed experts in host memory."""
+    monkeypatch.setenv("TPU_PLUGIN_MOE_OFFLOAD", "predict")
+    monkeypatch.setenv("TPU_PLUGIN_MOE_OFFLOAD_CACHE", "3")
+    model = config_dir(tmp_path_factory, "Qwen3MoeForCausalLM")
+    options = tpu_aot.EngineOptions(model=str(model), **ENGINE)
+    result = planner.plan(options, "v6e:1x1", subset="estimate", batches=(1,))
+    failed = [(c.program.label, c.error) for c in result.failed]
+    assert not failed, failed
+    forwards = [c for c in result.compiled if c.program.kind == "forward"]
+    assert len(forwards) >= 2 and all(c.mosaic_calls >= 2 for c in forwards)
+    config = CONFIGS["Qwen3MoeForCausalLM"]()
+    expert = 3 * config.moe_intermediate_size * config.hidden_size * 2  # bf16
+    assert result.host_bytes == config.num_hidden_layers * config.num_experts * expert
+    assert result.fits
+    assert "routed experts in host memory" in planner.format_report(result)
+
+
 def test_too_many_devices_names_the_numbers(tmp_path_factory):
     model = config_dir(tmp_path_factory, "LlamaForCausalLM")
     options = tpu_aot.EngineOptions(model=str(model), tensor_parallel_size=2, **ENGINE)

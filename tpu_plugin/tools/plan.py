@@ -100,6 +100,7 @@ class PlanResult:
     seconds: float
     context: int
     estimates: list[Estimate]
+    host_bytes: int = 0  # MoE offload's routed experts, in host memory
 
     @property
     def failed(self) -> list[Any]:
@@ -292,6 +293,7 @@ def plan(
             context,
             batches,
         ),
+        host_bytes=engine.host_bytes,
     )
 
 
@@ -353,10 +355,14 @@ def format_report(result: PlanResult, *, programs: bool = True) -> str:
         "",
         f"| per device | of {_gib(spec.hbm_bytes)} |",
         "|---|---|",
-        f"| weights | {_gib(result.weight_bytes)} |",
+        f"| weights | {_gib(result.weight_bytes)}"
+        + (" (with MoE offload's device expert cache)" if result.host_bytes else "")
+        + " |",
         f"| KV pages | {_gib(result.kv_bytes)}: {result.kv_blocks} pages x {result.block_size} "
         f"tokens = {result.kv_tokens:,} KV tokens |",
     ]
+    if result.host_bytes:
+        lines.append(f"| routed experts in host memory (MoE offload) | {_gib(result.host_bytes)} |")
     if largest is not None:
         temp = f"{largest.temp_bytes / 2**20:.0f} MiB"
         lines.append(f"| largest temporaries | {temp} ({largest.program.label}) |")

@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from tpu_plugin import envs
+from tpu_plugin.layers.moe_offload import OffloadedCaches
 
 # Single-chip topologies the TPU runtime refuses ("v5e:1x1" is not divisible by the host's
 # 2x2 chip bounds): the chips are taken from the smallest topology that has them.
@@ -192,10 +193,14 @@ def _abstract(tree: Any, sharding: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
-def _shard_bytes(tree: Any) -> int:
-    """Bytes one device holds of ``tree``'s ``ShapeDtypeStruct`` leaves (their shardings)."""
+def _shard_bytes(tree: Any, host: bool = False) -> int:
+    """Bytes one device holds of ``tree``'s ``ShapeDtypeStruct`` leaves (their shardings) in
+    its own memory, or with ``host`` in host memory (MoE offload's experts)."""
     total = 0
     for leaf in jax.tree.leaves(tree):
+        kind = getattr(leaf.sharding, "memory_kind", None)
+        if (kind is not None and "host" in kind) != host:
+            continue
         shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
         total += int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
     return total
@@ -209,6 +214,7 @@ class AbstractEngine:
         from tpu_plugin.models.loader import abstract_model
         from tpu_plugin.parallel import ShardingPlan
         from tpu_plugin.parallel.mesh import build_mesh, layout_from
+        from tpu_plugin.runner.expert_cache import ExpertOffload
         from tpu_plugin.runner.model_runner import JaxModelRunner, jitted_forward
 
         self.vllm_config = vllm_config
@@ -225,22 +231,35 @@ class AbstractEngine:
         self.plan = ShardingPlan(build_mesh(tp, devices), layout)
         runner.sharding_plan = self.plan
         abstract = abstract_model(runner.hf_config, runner.dtype, drop=runner.unused_modules)
+        # MoE offload (runner/expert_cache.py): routed experts in host memory, a device cache.
+        self.offload = ExpertOffload.for_runner(runner, self.plan)
+        host = self.offload.abstract(abstract) if self.offload else None
         graphdef, state = nnx.split(abstract)
         self.params = self.plan.abstract_params(state)
+        if self.offload:
+            self.params = (self.params, host)
         # A pooling model's forward returns its pooled rows (runner/pooling.py), as served.
-        self.forward = jitted_forward(graphdef, self.plan, runner.pooling)
+        self.forward = jitted_forward(graphdef, self.plan, runner.pooling, self.offload)
         self.kv_caches: list = []
         self.num_blocks = 0
 
     @property
     def weight_bytes(self) -> int:
-        """Parameter bytes on one device."""
-        return _shard_bytes(self.params)
+        """Parameter bytes on one device, with MoE offload's device expert cache (allocated
+        before the KV pages, as the runner does)."""
+        cache = self.offload.cache if self.offload else None
+        return _shard_bytes(self.params) + _shard_bytes(cache)
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes in host memory (MoE offload's routed experts)."""
+        return _shard_bytes(self.params, host=True)
 
     @property
     def kv_bytes(self) -> int:
         """KV page bytes on one device."""
-        return _shard_bytes(self.kv_caches)
+        caches = self.kv_caches
+        return _shard_bytes(caches.layers if isinstance(caches, OffloadedCaches) else caches)
 
     def kv_shards(self) -> int:
         """Into how many parts the pages are split across the engine's devices."""
@@ -277,6 +296,8 @@ class AbstractEngine:
             runner.dtype,
             self.plan.kv_sharding,
         )
+        if self.offload:  # the device expert cache rides with the pages (weight_bytes has it)
+            self.kv_caches = OffloadedCaches(self.kv_caches, self.offload.cache)
         self.num_blocks = runner.num_pages = num_blocks
 
     def _lowering(self, lower: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[[], Any]:
