@@ -1,0 +1,63 @@
+"""The quantized kernels through the real TPU compiler (libtpu), for abstract v5e/v6e chips.
+
+Shapes are Llama-3-8B's projections at decode (M = 16) and prefill (M = 512). Each compile must
+contain the Mosaic kernel, and the compiler's memory analysis must show the 8-bit weight as an
+8-bit argument (no dequantized copy of it anywhere: temporaries far below the bf16 weight).
+TPU7x (fp8 MXU) runs in the slow tier.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from tpu_kernels.quantized_matmul import tpu
+from tpu_plugin.tools import tpu_aot
+
+INT8, FP8 = jnp.int8, jnp.float8_e4m3fn
+
+
+def compile_matmul(topology: str, m: int, n: int, k: int, wdtype, act):
+    devices = tpu_aot.topology_devices(topology)
+    mesh = Mesh(np.array(devices[:1]).reshape(1), ("x",))
+    one = NamedSharding(mesh, P())
+    args = [
+        jax.ShapeDtypeStruct((m, k), jnp.bfloat16, sharding=one),
+        jax.ShapeDtypeStruct((n, k), wdtype, sharding=one),
+        jax.ShapeDtypeStruct((n,), jnp.float32, sharding=one),
+    ]
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        lowered = jax.jit(lambda *a: tpu.quantized_matmul(*a, activation_dtype=act)).lower(*args)
+    return lowered.compile()
+
+
+def check(compiled, m: int, n: int, k: int) -> None:
+    assert 'custom_call_target="tpu_custom_call"' in compiled.as_text()
+    memory = compiled.memory_analysis()
+    weight_bytes = n * k  # one byte a weight
+    # The 8-bit weight, the bf16 activations and the scales; nothing widened.
+    assert memory.argument_size_in_bytes <= weight_bytes + 2 * m * k + 4 * n
+    # No bf16 copy of the weight (2 bytes a weight) among the temporaries.
+    assert memory.temp_size_in_bytes < weight_bytes
+
+
+@pytest.mark.parametrize("topology", ["v5e:1x1", "v6e:1x1"])
+@pytest.mark.parametrize(
+    "wdtype, act", [(INT8, None), (FP8, None), (INT8, INT8)], ids=["w8a16-int8", "w8a16-fp8",
+                                                                   "w8a8-int8"]
+)  # fmt: skip
+@pytest.mark.parametrize(
+    "m, n, k", [(16, 14336, 4096), (512, 4096, 14336)], ids=["decode", "prefill"]
+)
+def test_quantized_matmul_compiles(topology, wdtype, act, m, n, k):
+    check(compile_matmul(topology, m, n, k, wdtype, act), m, n, k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wdtype, act", [(FP8, FP8), (FP8, None)])
+def test_fp8_mxu_on_tpu7x(wdtype, act):
+    check(compile_matmul("TPU7x:1x1x1", 16, 14336, 4096, wdtype, act), 16, 14336, 4096)
