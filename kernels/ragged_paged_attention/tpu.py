@@ -189,8 +189,10 @@ def _kernel(
         q_tile = q_ref[pl.ds(row0, tile), :]
         precision = lax.Precision.HIGHEST if q_tile.dtype == jnp.float32 else None
         for h in range(num_kv_heads):
-            k = k_buf[slot, :, h, :]
-            v = jnp.where(copied, v_buf[slot, :, h, :], jnp.zeros((), v_buf.dtype))
+            # An fp8 cache is read as fp8 (half the DMA bytes) and cast to the queries' dtype
+            # in VMEM; the scales were applied to the queries and the output outside.
+            k = k_buf[slot, :, h, :].astype(q_tile.dtype)
+            v = jnp.where(copied, v_buf[slot, :, h, :].astype(q_tile.dtype), 0)
             heads = [(h * group + g) * head_dim for g in range(group)]
             q = jnp.concatenate([q_tile[:, c : c + head_dim] for c in heads], axis=0)
             scores = lax.dot_general(

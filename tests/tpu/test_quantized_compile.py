@@ -61,3 +61,38 @@ def test_quantized_matmul_compiles(topology, wdtype, act, m, n, k):
 @pytest.mark.parametrize("wdtype, act", [(FP8, FP8), (FP8, None)])
 def test_fp8_mxu_on_tpu7x(wdtype, act):
     check(compile_matmul("TPU7x:1x1x1", 16, 14336, 4096, wdtype, act), 16, 14336, 4096)
+
+
+def compile_attention(topology: str, kv_dtype, num_kv_heads: int = 8):
+    from tpu_kernels.ragged_paged_attention import tpu as rpa
+
+    devices = tpu_aot.topology_devices(topology)
+    mesh = Mesh(np.array(devices[:1]).reshape(1), ("x",))
+    one = NamedSharding(mesh, P())
+    seqs, pages_per_seq, tokens, pages = 8, 16, 16, 128
+    args = [
+        jax.ShapeDtypeStruct(shape, dtype, sharding=one)
+        for shape, dtype in [
+            ((tokens, 32, 128), jnp.bfloat16),
+            ((pages, 16, num_kv_heads, 128), kv_dtype),
+            ((pages, 16, num_kv_heads, 128), kv_dtype),
+            ((seqs,), jnp.int32),
+            ((seqs, pages_per_seq), jnp.int32),
+            ((seqs + 1,), jnp.int32),
+            ((1,), jnp.int32),
+        ]
+    ]
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        lowered = jax.jit(lambda *a: rpa.ragged_paged_attention(*a, sm_scale=0.1)).lower(*args)
+    return lowered.compile(), 2 * pages * 16 * num_kv_heads * 128
+
+
+@pytest.mark.parametrize("topology", ["v5e:1x1", "v6e:1x1"])
+def test_attention_reads_fp8_pages(topology):
+    """The Mosaic attention kernel on e4m3 pages: compiles, and the pages are arguments of
+    one byte a value (an fp8 cache is half a bf16 one in HBM, no padded layout)."""
+    compiled, values = compile_attention(topology, FP8)
+    assert 'custom_call_target="tpu_custom_call"' in compiled.as_text()
+    memory = compiled.memory_analysis()
+    queries = 16 * 32 * 128 * 2
+    assert memory.argument_size_in_bytes <= values + queries + 64 * 1024
