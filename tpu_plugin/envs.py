@@ -14,6 +14,7 @@ DEVICES = ("tpu", "cpu", "gpu")
 MODEL_IMPLS = ("auto", "jax", "torchax")
 ATTENTION_IMPLS = ("auto", "xla", "reference", "pallas", "pallas-interpret")
 MOE_IMPLS = ("auto", "xla", "reference", "pallas", "pallas-interpret")
+QUANTIZED_MATMUL_IMPLS = ("auto", "reference", "pallas", "pallas-interpret")
 
 
 def _choice(name: str, valid: tuple[str, ...], default: str | None) -> str | None:
@@ -77,6 +78,15 @@ def moe_impl() -> str:
     in interpret mode on CPU (debugging, tests).
     """
     return _choice("TPU_PLUGIN_MOE", MOE_IMPLS, "auto") or "auto"
+
+
+def quantized_matmul_impl() -> str:
+    """``TPU_PLUGIN_QUANTIZED_MATMUL``: auto|reference|pallas|pallas-interpret.
+
+    ``auto`` is the Pallas kernel on TPU (Mosaic) and GPU (Triton, for the shapes it tiles) and
+    the jnp reference on CPU; ``pallas-interpret`` runs the TPU kernel in interpret mode.
+    """
+    return _choice("TPU_PLUGIN_QUANTIZED_MATMUL", QUANTIZED_MATMUL_IMPLS, "auto") or "auto"
 
 
 def plugin_home() -> str:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 INT8_MAX = 127.0
+INT8_ACTIVATION_STEPS = 127.5  # half of the 255 steps of [-128, 127]
 FP8_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)  # 448
 WEIGHT_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
 INT4_DTYPES = (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4))
@@ -48,14 +49,28 @@ def to_quantized(values: jax.Array, dtype: jnp.dtype) -> jax.Array:
     return values.astype(dtype)
 
 
+def divide(a: jax.Array, b: jax.Array | float) -> jax.Array:
+    """``a / b`` correctly rounded, ``b`` a constant or broadcast over ``a``.
+
+    XLA turns a division by a constant or by a broadcast row into a multiplication by the
+    (rounded) reciprocal: one ulp off in most quotients, which moves values sitting on a
+    rounding boundary (a row's absmax lands a hair below 127.5 or 448) to the other side of
+    it, where the formats' libraries (exact divisions) do not. The barrier keeps the
+    division a true one.
+    """
+    return a / lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(b, a.dtype), a.shape))
+
+
 def quantize_per_channel(w: jax.Array, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
     """Symmetric per-output-row quantization of ``w`` ``[..., K]``: ``(q, scale [...])``.
 
     ``scale = max|w[n]| / qmax``; an all-zero row gets scale 1 (any value reproduces it).
+    Bit-identical to compressed-tensors' channel quantization of the same weight.
     """
-    absmax = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=-1)
-    scale = jnp.where(absmax > 0, absmax / qmax(dtype), 1.0)
-    return to_quantized(w.astype(jnp.float32) / scale[..., None], dtype), scale
+    wf = w.astype(jnp.float32)
+    absmax = jnp.max(jnp.abs(wf), axis=-1)
+    scale = jnp.where(absmax > 0, divide(absmax, qmax(dtype)), 1.0)
+    return to_quantized(divide(wf, scale[..., None]), dtype), scale
 
 
 def quantize_activations(
@@ -63,16 +78,25 @@ def quantize_activations(
 ) -> tuple[jax.Array, jax.Array]:
     """``x`` ``[M, K]`` in ``dtype`` and its float32 scale per row ``[M]``.
 
-    ``scale`` ``None``: dynamic, symmetric per row (``max|x[m]| / qmax``; a zero row gets 1).
+    ``scale`` ``None``: dynamic, symmetric per row (``max|x[m]| / 127.5`` for int8, ``/ 448``
+    for e4m3; a zero row gets 1).
     Otherwise a static scale (a scalar, e.g. a checkpoint's per-tensor ``input_scale``).
     """
     xf = x.astype(jnp.float32)
+    int8 = jnp.dtype(dtype) == jnp.int8
     if scale is None:
         absmax = jnp.max(jnp.abs(xf), axis=-1)
-        row_scale = jnp.where(absmax > 0, absmax / qmax(dtype), 1.0)
+        # int8: compressed-tensors' symmetric range, 255 steps over [-absmax, absmax]
+        # (absmax / 127.5, clipped to [-128, 127]), so W8A8 checkpoints compute what their
+        # format's library computes; e4m3: absmax / 448.
+        step = INT8_ACTIVATION_STEPS if int8 else qmax(dtype)
+        row_scale = jnp.where(absmax > 0, divide(absmax, step), 1.0)
     else:
         row_scale = jnp.broadcast_to(jnp.reshape(scale, ()).astype(jnp.float32), x.shape[:-1])
-    return to_quantized(xf / row_scale[..., None], dtype), row_scale
+    values = divide(xf, row_scale[..., None])
+    if int8:
+        return jnp.clip(jnp.round(values), -128, 127).astype(jnp.int8), row_scale
+    return to_quantized(values, dtype), row_scale
 
 
 def dequantize(w: jax.Array, w_scale: jax.Array) -> jax.Array:

@@ -29,16 +29,31 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from safetensors import safe_open
 from vllm.logger import init_logger
 
+from tpu_plugin.layers.linear import quantize_linears
+from tpu_plugin.models import quantization
+from tpu_plugin.models.quantization import Quantization, QuantizationError
 from tpu_plugin.models.registry import resolve_model_class
 
 logger = init_logger(__name__)
 
 # Tensors some checkpoints carry that no port needs (buffers, not weights).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Scales that may be stored as one value for a whole tensor (broadcast to their parameter).
+_SCALES = ("weight_scale", "input_scale", "k_scale", "v_scale")
+# Leaves of quantized checkpoints' tensors; one without a parameter stops start-up.
+_QUANTIZED_LEAVES = (
+    "weight_scale",
+    "weight_packed",
+    "weight_zero_point",
+    "input_scale",
+    "qweight",
+    "qzeros",
+)
 
 
 class CheckpointError(ValueError):
@@ -65,6 +80,27 @@ def checkpoint_files(model_dir: str) -> list[str]:
     if not files:
         raise CheckpointError(f"no *.safetensors files in {model_dir}")
     return files
+
+
+# safetensors' numpy/flax readers have no 8-bit float types; these are read from the bytes.
+_RAW_DTYPES = {"F8_E4M3": jnp.float8_e4m3fn, "F8_E5M2": jnp.float8_e5m2}
+
+
+def _read(reader: Any, file: str, name: str) -> jax.Array:
+    """Tensor ``name`` of ``file``; e4m3 / e5m2 tensors (FP8 checkpoints) from the file's
+    bytes, since safetensors' flax reader cannot represent them."""
+    try:
+        return reader.get_tensor(name)
+    except (AttributeError, TypeError, ValueError):
+        with open(file, "rb") as f:
+            header_bytes = int.from_bytes(f.read(8), "little")
+            info = json.loads(f.read(header_bytes))[name]
+            if info["dtype"] not in _RAW_DTYPES:
+                raise
+            start, end = info["data_offsets"]
+            f.seek(8 + header_bytes + start)
+            raw = np.frombuffer(f.read(end - start), np.uint8)
+        return jnp.asarray(raw.view(_RAW_DTYPES[info["dtype"]]).reshape(info["shape"]))
 
 
 def _param_name(path: tuple[Any, ...]) -> str:
@@ -188,24 +224,88 @@ def checkpoint_renamer(names: list[str], wanted: set[str]) -> Any:
     return max(candidates, key=hits)  # the first best: plain names win ties
 
 
-def load_model(
-    model_dir: str, hf_config: Any, dtype: jnp.dtype, *, drop: tuple[str, ...] = ()
+def abstract_model(
+    model_class: type,
+    hf_config: Any,
+    dtype: jnp.dtype,
+    quant: Quantization | None = None,
+    *,
+    drop: tuple[str, ...] = (),
+    kv_scales: tuple[str, ...] = (),
 ) -> nnx.Module:
-    """The architecture's flax model with the checkpoint's weights, in ``dtype``.
-
-    ``drop`` names top-level modules the caller never runs (a pooling model's ``lm_head``):
-    they are removed before loading, so the checkpoint need not have them.
-    """
-    model_class = resolve_model_class(list(hf_config.architectures or []))
+    """The port's model with shapes only (no memory), as ``quant`` lays it out: its linear
+    layers quantized (``layers.linear.quantize_linears``), and ``k_scale`` / ``v_scale``
+    parameters on the attention modules named in ``kv_scales`` (``model.layers.0.self_attn
+    .k_scale``, an fp8 cache's scales from the checkpoint). The loader and the TPU planner
+    both build it here, so the planner compiles the parameters serving loads."""
 
     def build() -> nnx.Module:
         model = model_class(hf_config, dtype)
         for name in drop:
             if getattr(model, name, None) is not None:
                 delattr(model, name)
+        if quant is not None and quant.groups:
+            if not quantize_linears(model, quant.scheme_for):
+                raise QuantizationError(
+                    f"the {quant.method} checkpoint quantizes none of "
+                    f"{model_class.__name__}'s linear layers; check its quantization_config"
+                )
+        for name in kv_scales:
+            module = _module_at(model, name.rpartition(".")[0])
+            if module is not None and getattr(module, "q_proj", None) is not None:
+                setattr(module, name.rpartition(".")[2], nnx.Param(jnp.ones((), jnp.float32)))
         return model
 
-    abstract = nnx.eval_shape(build)
+    return nnx.eval_shape(build)
+
+
+def _module_at(model: nnx.Module, path: str) -> Any:
+    node: Any = model
+    for part in path.split("."):
+        node = node[int(part)] if part.isdigit() else getattr(node, part, None)
+        if node is None:
+            return None
+    return node
+
+
+def _kv_scale_name(name: str) -> str | None:
+    """``self_attn.k_scale`` (or the older ``self_attn.k_proj.output_scale``) -> the
+    parameter name of an fp8 cache's scale, else None."""
+    for kv in ("k", "v"):
+        for suffix in (f"self_attn.{kv}_scale", f"self_attn.{kv}_proj.output_scale"):
+            if name.endswith(suffix):
+                return name[: len(name) - len(suffix)] + f"self_attn.{kv}_scale"
+    return None
+
+
+def load_model(
+    model_dir: str,
+    hf_config: Any,
+    dtype: jnp.dtype,
+    *,
+    drop: tuple[str, ...] = (),
+    quant: Quantization | None = None,
+) -> nnx.Module:
+    """The architecture's flax model with the checkpoint's weights, in ``dtype``.
+
+    ``drop`` names top-level modules the caller never runs (a pooling model's ``lm_head``):
+    they are removed before loading, so the checkpoint need not have them. ``quant``
+    (``models/quantization.py``): quantized linear layers and an fp8 cache's scales; each
+    checkpoint tensor passes through its :meth:`Quantization.convert` first.
+    """
+    model_class = resolve_model_class(list(hf_config.architectures or []))
+    quant = quant or Quantization()
+    files = checkpoint_files(model_dir)
+    names: list[str] = []
+    for file in files:
+        with safe_open(file, framework="flax") as reader:
+            names += list(reader.keys())  # noqa: SIM118 (safe_open is not a dict)
+    plain = nnx.split(abstract_model(model_class, hf_config, dtype, drop=drop))[1]
+    rename = checkpoint_renamer(names, {_param_name(p) for p, _ in nnx.to_flat_state(plain)})
+    kv_scales = ()
+    if quant.kv_cache_dtype is not None:
+        kv_scales = tuple(sorted({n for n in map(_kv_scale_name, map(rename, names)) if n}))
+    abstract = abstract_model(model_class, hf_config, dtype, quant, drop=drop, kv_scales=kv_scales)
     graphdef, state = nnx.split(abstract)
     wanted = {_param_name(path): leaf for path, leaf in nnx.to_flat_state(state)}
     fused = model_class.fused_checkpoint_tensors(hf_config)
@@ -214,44 +314,54 @@ def load_model(
 
     loaded: dict[str, jax.Array] = {}
     unexpected: list[str] = []
-    files = checkpoint_files(model_dir)
-    names: list[str] = []
-    for file in files:
-        with safe_open(file, framework="flax") as reader:
-            names += list(reader.keys())  # noqa: SIM118 (safe_open is not a dict)
-    rename = checkpoint_renamer(names, set(wanted))
+
+    def place(name: str, tensor: jax.Array) -> None:
+        targets = split_targets(name, fused)
+        for (target, _), part in zip(targets, _cut(name, tensor, targets), strict=True):
+            if target not in wanted:
+                unexpected.append(target)
+                continue
+            if target in loaded:
+                raise CheckpointError(f"{target} appears twice in checkpoint {model_dir}")
+            expected = tuple(wanted[target].get_value().shape)
+            if tuple(part.shape) != expected and part.size == 1 and target.endswith(_SCALES):
+                part = jnp.broadcast_to(jnp.reshape(part, ()), expected)  # per-tensor scale
+            if tuple(part.shape) != expected:
+                raise CheckpointError(
+                    f"{target} has shape {tuple(part.shape)} in the checkpoint, but "
+                    f"{model_class.__name__} expects {expected}; config.json "
+                    "does not match the weights: use the config saved with them"
+                )
+            # the parameter's dtype: ``dtype``, except for the few a port keeps in float32
+            # (e.g. a router's correction bias) and the quantized layers' own types
+            loaded[target] = jnp.asarray(part).astype(wanted[target].get_value().dtype)
+
     for file in files:
         with safe_open(file, framework="flax") as reader:
             for stored in reader.keys():  # noqa: SIM118 (safe_open is not a dict)
-                name = rename(stored)
+                name = _kv_scale_name(rename(stored)) or rename(stored)
+                module = name.rpartition(".")[0]
+                scheme = quant.scheme_for(module) if quant.groups else None
                 hit = stacker.match(name)
                 if hit is not None and hit[0] in wanted:
+                    if scheme is not None:
+                        raise QuantizationError(
+                            f"{name}: quantized MoE experts are not supported by tpu-plugin "
+                            "yet; add the experts to the quantization config's ignore list "
+                            "(keep them bf16) or use a bf16 checkpoint"
+                        )
                     expected = tuple(wanted[hit[0]].get_value().shape)
-                    tensor = reader.get_tensor(stored).astype(wanted[hit[0]].get_value().dtype)
+                    tensor = _read(reader, file, stored).astype(wanted[hit[0]].get_value().dtype)
                     stacker.add(name, tensor, hit, expected)
                     continue
                 targets = split_targets(name, fused)
-                if not any(target in wanted for target, _ in targets):
-                    if not name.endswith(_IGNORED_SUFFIXES):
+                if scheme is None and not any(target in wanted for target, _ in targets):
+                    if not name.endswith(_IGNORED_SUFFIXES) and _kv_scale_name(name) is None:
                         unexpected.append(name)
                     continue
-                tensor = reader.get_tensor(stored)
-                for (target, _), part in zip(targets, _cut(name, tensor, targets), strict=True):
-                    if target not in wanted:
-                        unexpected.append(target)
-                        continue
-                    if target in loaded:
-                        raise CheckpointError(f"{target} appears twice in checkpoint {model_dir}")
-                    expected = wanted[target].get_value().shape
-                    if tuple(part.shape) != tuple(expected):
-                        raise CheckpointError(
-                            f"{target} has shape {tuple(part.shape)} in the checkpoint, but "
-                            f"{model_class.__name__} expects {tuple(expected)}; config.json "
-                            "does not match the weights: use the config saved with them"
-                        )
-                    # the parameter's dtype: ``dtype``, except for the few a port keeps in
-                    # float32 (e.g. a router's correction bias)
-                    loaded[target] = part.astype(wanted[target].get_value().dtype)
+                tensor = _read(reader, file, stored)
+                for part_name, value in quant.convert(name, tensor, scheme).items():
+                    place(part_name, value)
 
     for target in stacker.parts:
         if target in loaded:
@@ -269,6 +379,13 @@ def load_model(
         )
     # Tied embeddings: checkpoints often still carry lm_head.weight; it is the embedding.
     unexpected = [n for n in unexpected if n != "lm_head.weight"]
+    quantized = [n for n in unexpected if n.endswith(_QUANTIZED_LEAVES)]
+    if quantized:  # never multiply quantized values as if they were plain weights
+        shown = ", ".join(quantized[:3]) + (" …" if len(quantized) > 3 else "")
+        raise QuantizationError(
+            f"checkpoint {model_dir} has quantized tensors with no quantized layer in "
+            f"{model_class.__name__} ({shown}); supported: {quantization.TAKEN}"
+        )
     if unexpected:
         logger.warning(
             "ignoring %d checkpoint tensors with no parameter: %s",

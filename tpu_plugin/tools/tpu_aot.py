@@ -185,6 +185,7 @@ class AbstractEngine:
     ``tensor_parallel_size`` devices) with abstract parameters; KV pages via :meth:`set_kv`."""
 
     def __init__(self, vllm_config: Any, devices: list[Any]):
+        from tpu_plugin.models.loader import abstract_model
         from tpu_plugin.models.registry import resolve_model_class
         from tpu_plugin.parallel import ShardingPlan
         from tpu_plugin.parallel.mesh import build_mesh, layout_from
@@ -204,7 +205,8 @@ class AbstractEngine:
         self.plan = ShardingPlan(build_mesh(tp, devices), layout)
         runner.sharding_plan = self.plan
         model_class = resolve_model_class(list(runner.model_config.architectures or []))
-        abstract = nnx.eval_shape(lambda: model_class(runner.hf_config, runner.dtype))
+        # The parameters serving loads, quantized layers included (models/loader.py).
+        abstract = abstract_model(model_class, runner.hf_config, runner.dtype, runner.quant)
         graphdef, state = nnx.split(abstract)
         self.params = self.plan.abstract_params(state)
         self.forward = jitted_forward(graphdef, self.plan)
@@ -253,7 +255,7 @@ class AbstractEngine:
             runner.block_size,
             runner.num_layers,
             layout,
-            runner.dtype,
+            runner.kv_dtype,
             self.plan.kv_sharding,
         )
         self.num_blocks = runner.num_pages = num_blocks
