@@ -117,13 +117,25 @@ def precompile() -> bool:
 
 
 @contextlib.contextmanager
-def kernel_override(*, attention: str, moe: str) -> Iterator[None]:
-    """Sets ``TPU_PLUGIN_ATTENTION`` and ``TPU_PLUGIN_MOE`` for the enclosed block, then
-    restores them: the TPU planner compiles the kernels a TPU host would pick from a process
-    whose own JAX backend is a CPU (``tpu_plugin.tools.tpu_aot.tpu_kernels``)."""
-    if attention not in ATTENTION_IMPLS or moe not in MOE_IMPLS:
-        raise ValueError(f"unknown kernel choice: attention={attention!r}, moe={moe!r}")
-    names = {"TPU_PLUGIN_ATTENTION": attention, "TPU_PLUGIN_MOE": moe}
+def kernel_override(*, attention: str, moe: str, quantized_matmul: str = "auto") -> Iterator[None]:
+    """Sets ``TPU_PLUGIN_ATTENTION``, ``TPU_PLUGIN_MOE`` and ``TPU_PLUGIN_QUANTIZED_MATMUL`` for
+    the enclosed block, then restores them: the TPU planner compiles the kernels a TPU host
+    would pick from a process whose own JAX backend is a CPU
+    (``tpu_plugin.tools.tpu_aot.tpu_kernels``)."""
+    if (
+        attention not in ATTENTION_IMPLS
+        or moe not in MOE_IMPLS
+        or quantized_matmul not in QUANTIZED_MATMUL_IMPLS
+    ):
+        raise ValueError(
+            f"unknown kernel choice: attention={attention!r}, moe={moe!r}, "
+            f"quantized_matmul={quantized_matmul!r}"
+        )
+    names = {
+        "TPU_PLUGIN_ATTENTION": attention,
+        "TPU_PLUGIN_MOE": moe,
+        "TPU_PLUGIN_QUANTIZED_MATMUL": quantized_matmul,
+    }
     saved = {name: os.environ.get(name) for name in names}
     os.environ.update(names)
     try:

@@ -96,3 +96,80 @@ def test_attention_reads_fp8_pages(topology):
     memory = compiled.memory_analysis()
     queries = 16 * 32 * 128 * 2
     assert memory.argument_size_in_bytes <= values + queries + 64 * 1024
+
+
+# ---------------------------------------------------------------- the whole engine, quantized
+
+INT8_W8A8 = {  # a compressed-tensors config.json entry, as llm-compressor writes it
+    "quant_method": "compressed-tensors",
+    "format": "int-quantized",
+    "ignore": ["lm_head"],
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True},
+            "input_activations": {
+                "num_bits": 8,
+                "type": "int",
+                "strategy": "token",
+                "dynamic": True,
+                "symmetric": True,
+            },
+        }
+    },
+}
+
+
+def llama_dir(tmp_path_factory, quantization_config: dict | None):
+    """config.json only (the planner needs no weights): a small Llama with TPU-shaped rows."""
+    import json
+
+    from transformers import LlamaConfig
+
+    from tests.conftest import SMALL
+
+    config = LlamaConfig(**{**SMALL, "hidden_size": 512, "intermediate_size": 1024})
+    config.architectures = ["LlamaForCausalLM"]
+    if quantization_config:
+        config.quantization_config = quantization_config
+    out = tmp_path_factory.mktemp("quantized-llama")
+    (out / "config.json").write_text(json.dumps(config.to_dict()))
+    return str(out)
+
+
+@pytest.mark.slow  # 45 s on 2 cores: the default suite's budget goes to the CPU serving test
+@pytest.mark.parametrize("quant", ["compressed-tensors-int8-w8a8", "fp8"])
+def test_quantized_engine_compiles_for_v6e(tmp_path_factory, quant):
+    """Every program a quantized engine with an fp8 KV cache precompiles, through libtpu for
+    v6e: the quantized forwards carry the Mosaic matmul of every linear layer (7 per decoder
+    layer, 2 layers) besides the attention kernels, the weights are a byte each (the planner
+    counts the abstract parameters serving loads) and the e4m3 pages hold twice the tokens."""
+    from tests.tpu.test_tpu_compile import ENGINE, check_all_compiled
+    from tpu_plugin.tools import plan as planner
+
+    # A small KV budget (~60 MB): a large per-layer e4m3 page array (seen from 130k pages of
+    # 16 x 2 x 128, 0.5 GB) makes the TPU compiler copy the whole cache on every write, which
+    # bf16 pages do not (README, "Quantized serving": open). Here the write stays in place:
+    # the peak is the arguments plus small temporaries.
+    engine = {**ENGINE, "gpu_memory_utilization": 0.002}
+    plain = planner.plan(
+        tpu_aot.EngineOptions(model=llama_dir(tmp_path_factory, None), **engine),
+        "v6e:1x1",
+        subset="estimate",
+    )
+    if quant == "fp8":
+        model, method = llama_dir(tmp_path_factory, None), "fp8"
+    else:
+        model, method = llama_dir(tmp_path_factory, INT8_W8A8), None
+    options = tpu_aot.EngineOptions(
+        model=model, quantization=method, kv_cache_dtype="fp8", **engine
+    )
+    result = planner.plan(options, "v6e:1x1")
+    check_all_compiled(result, 2 + 2 * 7)
+    # 2 layers' linear weights (4.2M values) go from 2 bytes to 1; embeddings stay bf16.
+    linear = 2 * (2 * 512 * 512 + 2 * 512 * 256 + 3 * 512 * 1024)
+    assert result.weight_bytes <= plain.weight_bytes - 0.95 * linear
+    assert result.kv_blocks >= 1.9 * plain.kv_blocks
+    for c in result.compiled:
+        if c.program.kind == "forward":  # no copy of the cache, no widened weight
+            assert c.peak_bytes <= result.weight_bytes + result.kv_bytes + 16 * 2**20

@@ -34,7 +34,7 @@ from flax import nnx
 from safetensors import safe_open
 from vllm.logger import init_logger
 
-from tpu_plugin.layers.linear import quantize_linears
+from tpu_plugin.layers.linear import QuantizedLinear, quantize_linears
 from tpu_plugin.models import quantization
 from tpu_plugin.models.quantization import Quantization, QuantizationError
 from tpu_plugin.models.registry import resolve_model_class
@@ -306,6 +306,13 @@ def load_model(
     if quant.kv_cache_dtype is not None:
         kv_scales = tuple(sorted({n for n in map(_kv_scale_name, map(rename, names)) if n}))
     abstract = abstract_model(model_class, hf_config, dtype, quant, drop=drop, kv_scales=kv_scales)
+    # Schemes apply to the quantized linear layers only: a config's "Linear" target must not
+    # quantize an embedding or a norm whose name the scheme's patterns happen to match.
+    schemes = {
+        _param_name(path): module.scheme
+        for path, module in nnx.iter_modules(abstract)
+        if isinstance(module, QuantizedLinear)
+    }
     graphdef, state = nnx.split(abstract)
     wanted = {_param_name(path): leaf for path, leaf in nnx.to_flat_state(state)}
     fused = model_class.fused_checkpoint_tensors(hf_config)
@@ -341,10 +348,10 @@ def load_model(
             for stored in reader.keys():  # noqa: SIM118 (safe_open is not a dict)
                 name = _kv_scale_name(rename(stored)) or rename(stored)
                 module = name.rpartition(".")[0]
-                scheme = quant.scheme_for(module) if quant.groups else None
+                scheme = schemes.get(module)
                 hit = stacker.match(name)
                 if hit is not None and hit[0] in wanted:
-                    if scheme is not None:
+                    if quant.groups and quant.scheme_for(module) is not None:
                         raise QuantizationError(
                             f"{name}: quantized MoE experts are not supported by tpu-plugin "
                             "yet; add the experts to the quantization config's ignore list "

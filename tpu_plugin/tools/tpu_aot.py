@@ -359,17 +359,19 @@ def compile_program(program: Program) -> Compiled:
 
 @contextlib.contextmanager
 def tpu_kernels() -> Iterator[None]:
-    """The kernels a TPU host runs (Mosaic ragged paged attention and fused MoE), chosen
-    while compiling from this host, whose own JAX backend is a CPU; the choice before is
-    restored after (the tests run CPU engines in the same process)."""
+    """The kernels a TPU host runs (Mosaic ragged paged attention, fused MoE and quantized
+    matmul), chosen while compiling from this host, whose own JAX backend is a CPU; the
+    choice before is restored after (the tests run CPU engines in the same process)."""
     from tpu_plugin.layers.attention import attention_kernel
+    from tpu_plugin.layers.linear import quantized_matmul_kernel
     from tpu_plugin.layers.moe import moe_kernel
 
-    with envs.kernel_override(attention="pallas", moe="pallas"):
-        attention_kernel.cache_clear()
-        moe_kernel.cache_clear()
+    choices = (attention_kernel, moe_kernel, quantized_matmul_kernel)
+    with envs.kernel_override(attention="pallas", moe="pallas", quantized_matmul="pallas"):
+        for choice in choices:
+            choice.cache_clear()
         try:
             yield
         finally:
-            attention_kernel.cache_clear()
-            moe_kernel.cache_clear()
+            for choice in choices:
+                choice.cache_clear()
