@@ -214,3 +214,24 @@ def test_fp8_kv_cache_logits(src, prompts):
     rel = max_rel_error(jax_last_logits(src, prompts, quant=fp8_kv), hf_last_logits(src, prompts))
     print(f"fp8 KV cache: logits rel. error {rel:.2e} vs fp32")
     assert rel <= 0.1
+
+
+def test_w8a8_activation_rounding_is_compressed_tensors():
+    """Jitted (as served), the dynamic per-token int8 activations and their scales equal
+    compressed-tensors' (``calculate_qparams``: absmax / 127.5, then ``round(x / scale)``
+    clamped to [-128, 127]) bit for bit, the absmax entries on the 127.5 boundary included."""
+    import jax
+    import numpy as np
+    import torch
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    from tpu_kernels.quantized_matmul.reference import quantize_activations
+
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(0)) * 3
+    args = QuantizationArgs(num_bits=8, type="int", strategy="token", dynamic=True)
+    scale, _ = calculate_qparams(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True), args)
+    expected = torch.clamp(torch.round(x / scale), -128, 127)
+    q, s = jax.jit(lambda v: quantize_activations(v, jnp.int8, None))(jnp.asarray(x.numpy()))
+    np.testing.assert_array_equal(np.asarray(s), scale[:, 0].numpy())
+    np.testing.assert_array_equal(np.asarray(q, np.float32), expected.numpy())
