@@ -295,12 +295,13 @@ def load_model(
     """
     model_class = resolve_model_class(list(hf_config.architectures or []))
     quant = quant or Quantization()
+    # the model first: its configuration errors (before any file) name the config's problem
+    plain = nnx.split(abstract_model(model_class, hf_config, dtype, drop=drop))[1]
     files = checkpoint_files(model_dir)
     names: list[str] = []
     for file in files:
         with safe_open(file, framework="flax") as reader:
             names += list(reader.keys())  # noqa: SIM118 (safe_open is not a dict)
-    plain = nnx.split(abstract_model(model_class, hf_config, dtype, drop=drop))[1]
     rename = checkpoint_renamer(names, {_param_name(p) for p, _ in nnx.to_flat_state(plain)})
     kv_scales = ()
     if quant.kv_cache_dtype is not None:
