@@ -4,9 +4,9 @@
 
 1. copy bandwidth of the GPU (the roofline's bandwidth, gpu_suite.copy_bandwidth);
 2. a Llama-3-8B-shaped bf16 checkpoint with random weights (gpu_suite.write_checkpoint), and
-   from it an INT8 W8A16 compressed-tensors checkpoint (int8 weights, one float32 scale per
-   output row, lm_head kept bf16: what llm-compressor's W8A16 recipe writes), quantized on
-   the GPU with torch;
+   from it an INT8 W8A8 compressed-tensors checkpoint (int8 weights, one float32 scale per
+   output row, activations int8 per token at run time, lm_head kept bf16: llm-compressor's
+   W8A8 INT8 recipe; vLLM refuses int8 W8A16 in this format), quantized on the GPU;
 3. the plugin through ``vllm.LLM`` on each: ``bf16`` (the reference, same run), ``int8`` (the
    compressed-tensors checkpoint, read from its config.json) and ``fp8`` (the bf16
    checkpoint with ``quantization="fp8"``: e4m3 weights made at load); decode tok/s timed as
@@ -30,7 +30,7 @@ import gpu_suite  # noqa: E402  (sets TPU_PLUGIN_DEVICE=gpu before vLLM is impor
 
 RESULTS = gpu_suite.RESULTS
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-W8A16 = {
+INT8_W8A8 = {
     "quant_method": "compressed-tensors",
     "format": "int-quantized",
     "quantization_status": "compressed",
@@ -40,7 +40,15 @@ W8A16 = {
             "targets": ["Linear"],
             "format": "int-quantized",
             "weights": {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True},
-            "input_activations": None,
+            # vLLM's compressed-tensors parser refuses int8 weights in the int-quantized
+            # format without activations: INT8 checkpoints are W8A8 (llm-compressor's recipe)
+            "input_activations": {
+                "num_bits": 8,
+                "type": "int",
+                "strategy": "token",
+                "dynamic": True,
+                "symmetric": True,
+            },
         }
     },
 }
@@ -60,7 +68,7 @@ def write_int8_checkpoint(src: str, dst: str) -> int:
     os.makedirs(dst, exist_ok=True)
     with open(os.path.join(src, "config.json")) as f:
         config = json.load(f)
-    config["quantization_config"] = W8A16
+    config["quantization_config"] = INT8_W8A8
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(config, f)
     device = "cuda" if torch.cuda.is_available() else "cpu"
