@@ -5,9 +5,18 @@ parameter is read by its Hugging Face name, checked for shape and cast to the se
 (checkpoints in bf16, fp16 or fp32 all load into any serving dtype). A missing, duplicated or
 misshaped tensor stops start-up with its name; nothing is left random.
 
-The one per-model hook is ``fused_checkpoint_tensors`` (see
-:meth:`tpu_plugin.models.llama.LlamaForCausalLM.fused_checkpoint_tensors`): checkpoint tensors
-that stack several of the port's parameters (Phi-3's ``qkv_proj``) are cut on axis 0 into them.
+Fused projections (:class:`tpu_plugin.layers.linear.FusedLinear`: ``self_attn.qkv_proj``,
+``mlp.gate_up_proj``, MLA's ``fused_qkv_a_proj``) are found in the model itself, not in a
+per-family table: each is built from the checkpoint tensors of its parts, named next to it
+(``self_attn.q_proj.weight``, ``k_proj``, ``v_proj``), in the fused layout
+(:class:`~tpu_plugin.layers.linear.Fusion`); a checkpoint that already fuses them under the
+module's own name with the parts concatenated on axis 0 (Phi-3's ``qkv_proj`` and
+``gate_up_proj``) is cut into the parts first, so both layouts load for every family.
+
+The per-model hook ``fused_checkpoint_tensors`` (see
+:meth:`tpu_plugin.models.llama.LlamaForCausalLM.fused_checkpoint_tensors`) renames checkpoint
+modules or cuts a checkpoint tensor on axis 0 into several parameters (Mixtral's transformers-5
+names).
 
 The reverse, for mixture-of-experts ports, is the optional class hook
 ``stacked_checkpoint_tensors(cfg)``: many checkpoint tensors (one per expert) fill one stacked
@@ -34,7 +43,7 @@ from flax import nnx
 from safetensors import safe_open
 from vllm.logger import init_logger
 
-from tpu_plugin.layers.linear import QuantizedLinear, quantize_linears
+from tpu_plugin.layers.linear import FusedLinear, Fusion, QuantizedLinear, quantize_linears
 from tpu_plugin.models import quantization
 from tpu_plugin.models.quantization import Quantization, QuantizationError
 from tpu_plugin.models.registry import resolve_model_class
@@ -201,6 +210,131 @@ class _Stacker:
         return value
 
 
+class _Fuser:
+    """Collects the parts of every fused parameter of the model and fuses them at the end.
+
+    Quantized fused layers (:class:`QuantizedLinear` with a ``fusion``) fuse their scales
+    exactly like their weight rows: per-channel ``weight_scale`` ``[rows_i]`` and 4-bit group
+    scales / zero points ``[rows_i, K / group]`` are packed by the same :class:`Fusion`, a
+    part's per-tensor weight scale is first broadcast to its rows (per-channel, so parts with
+    different scales stay exact). A static per-tensor ``input_scale`` (W8A8 static) is one
+    number for the one fused matmul: equal parts' scales fuse exactly; parts whose scales
+    differ take the largest (vLLM's rule for its fused layers: no part's activations clip,
+    the others quantize a little more coarsely than unfused), with a warning.
+    """
+
+    LEAVES = ("weight", "bias", "weight_scale", "weight_zero_point", "input_scale")
+
+    def __init__(self, model: nnx.Module, wanted: dict[str, Any]):
+        self.fusions: dict[str, Fusion] = {}  # fused parameter -> its layout
+        self.part_of: dict[str, tuple[str, int]] = {}  # checkpoint name -> (parameter, part)
+        for path, node in nnx.iter_graph(model):
+            if isinstance(node, FusedLinear):
+                fusion = node.fusion
+            elif isinstance(node, QuantizedLinear) and node.fusion is not None:
+                fusion = node.fusion
+            else:
+                continue
+            module = _param_name(path)
+            parent = module.rpartition(".")[0]
+            for leaf in self.LEAVES:
+                param = f"{module}.{leaf}"
+                if param not in wanted:
+                    continue
+                self.fusions[param] = fusion
+                for i, part in enumerate(fusion.names):
+                    self.part_of[f"{parent}.{part}.{leaf}" if parent else f"{part}.{leaf}"] = (
+                        param,
+                        i,
+                    )
+        self.parts: dict[str, dict[int, jax.Array]] = {}
+        self.sources: dict[str, dict[int, str]] = {}
+
+    def broadcast_scale(self, name: str, tensor: jax.Array) -> jax.Array:
+        """A per-tensor ``weight_scale`` of a fused part (or of a checkpoint's own fused
+        tensor) as per-channel ``[rows]``; anything else unchanged."""
+        if not name.endswith(".weight_scale") or tensor.size != 1:
+            return tensor
+        if name in self.part_of:
+            param, i = self.part_of[name]
+            rows = self.fusions[param].parts[i][1]
+        elif name in self.fusions:
+            rows = self.fusions[name].rows
+        else:
+            return tensor
+        return jnp.broadcast_to(jnp.reshape(tensor, ()), (rows,))
+
+    def take(self, name: str, tensor: jax.Array, wanted: dict[str, Any]) -> bool:
+        """Keeps ``name`` when it is a part, or a checkpoint's concatenated fused tensor;
+        False when it is neither."""
+        if name in self.part_of:
+            param, i = self.part_of[name]
+            self._add(name, param, i, tensor, wanted)
+            return True
+        if name in self.fusions and name.endswith(".input_scale"):  # one number, not rows
+            for i in range(len(self.fusions[name].parts)):
+                self._add(name, name, i, tensor, wanted)
+            return True
+        if name in self.fusions:
+            fusion = self.fusions[name]
+            if tensor.shape[0] != fusion.rows:
+                raise CheckpointError(
+                    f"{name} has {tensor.shape[0]} rows in the checkpoint, but its parts "
+                    f"({', '.join(fusion.names)}) need {fusion.rows}"
+                )
+            for i, part in enumerate(fusion.cut_concatenated(tensor)):
+                self._add(name, name, i, part, wanted)
+            return True
+        return False
+
+    def _add(self, name: str, param: str, i: int, tensor: jax.Array, wanted: dict) -> None:
+        value = wanted[param].get_value()
+        rows = self.fusions[param].parts[i][1]
+        if param.endswith(".input_scale"):
+            expected: tuple[int, ...] = ()
+            tensor = jnp.reshape(jnp.asarray(tensor), ())
+        else:
+            expected = (rows, *value.shape[2:]) if len(value.shape) > 2 else (rows,)
+        if tuple(tensor.shape) != expected:
+            raise CheckpointError(
+                f"{name} has shape {tuple(tensor.shape)} in the checkpoint, but {param} needs "
+                f"{expected} for it; config.json does not match the weights: use the config "
+                "saved with them"
+            )
+        parts = self.parts.setdefault(param, {})
+        if i in parts:
+            raise CheckpointError(
+                f"{name} fills {param} part {self.fusions[param].names[i]}, which "
+                f"{self.sources[param][i]} already filled (the checkpoint has it twice)"
+            )
+        parts[i] = tensor.astype(value.dtype)
+        self.sources.setdefault(param, {})[i] = name
+
+    def fused(self, param: str) -> jax.Array:
+        """The fused parameter, or an error naming the checkpoint tensors it lacks."""
+        fusion, parts = self.fusions[param], self.parts.get(param, {})
+        missing = [n for i, n in enumerate(fusion.names) if i not in parts]
+        if missing:
+            base, _, leaf = param.rpartition(".")
+            parent = base.rpartition(".")[0]
+            names = ", ".join(f"{parent}.{n}.{leaf}" for n in missing)
+            raise CheckpointError(f"{param} cannot be assembled: the checkpoint lacks {names}")
+        tensors = [parts[i] for i in range(len(fusion.parts))]
+        if param.endswith(".input_scale"):
+            scales = jnp.stack(tensors)
+            if bool(jnp.any(scales != scales[0])):
+                logger.warning(
+                    "%s: the parts' static input scales differ (%s); the fused matmul uses "
+                    "the largest, as vLLM does",
+                    param,
+                    ", ".join(
+                        f"{n}={float(v):.6g}" for n, v in zip(fusion.names, scales, strict=True)
+                    ),
+                )
+            return jnp.max(scales)
+        return fusion.pack(tensors)
+
+
 # Prefixes a checkpoint may carry around the port's names: base-model checkpoints of decoders
 # (embedding models such as Qwen3-Embedding, saved from ``Qwen3Model``) lack ``model.``;
 # encoders saved from a task model (``BertForMaskedLM``) add ``bert.`` / ``roberta.``.
@@ -252,7 +386,10 @@ def abstract_model(
                 )
         for name in kv_scales:
             module = _module_at(model, name.rpartition(".")[0])
-            if module is not None and getattr(module, "q_proj", None) is not None:
+            if module is not None and (
+                getattr(module, "q_proj", None) is not None
+                or getattr(module, "qkv_proj", None) is not None
+            ):
                 setattr(module, name.rpartition(".")[2], nnx.Param(jnp.ones((), jnp.float32)))
         return model
 
@@ -309,16 +446,20 @@ def load_model(
     abstract = abstract_model(model_class, hf_config, dtype, quant, drop=drop, kv_scales=kv_scales)
     # Schemes apply to the quantized linear layers only: a config's "Linear" target must not
     # quantize an embedding or a norm whose name the scheme's patterns happen to match.
-    schemes = {
-        _param_name(path): module.scheme
-        for path, module in nnx.iter_modules(abstract)
-        if isinstance(module, QuantizedLinear)
-    }
+    schemes: dict[str, Any] = {}
+    for path, module in nnx.iter_modules(abstract):
+        if isinstance(module, QuantizedLinear):
+            schemes[_param_name(path)] = module.scheme
+            if module.fusion is not None:  # the checkpoint names the parts (q_proj, …)
+                parent = _param_name(path).rpartition(".")[0]
+                for part in module.fusion.names:
+                    schemes[f"{parent}.{part}" if parent else part] = module.scheme
     graphdef, state = nnx.split(abstract)
     wanted = {_param_name(path): leaf for path, leaf in nnx.to_flat_state(state)}
     fused = model_class.fused_checkpoint_tensors(hf_config)
     stacked_hook = getattr(model_class, "stacked_checkpoint_tensors", None)
     stacker = _Stacker(stacked_hook(hf_config) if stacked_hook else {})
+    fuser = _Fuser(abstract, wanted)
 
     loaded: dict[str, jax.Array] = {}
     unexpected: list[str] = []
@@ -326,6 +467,9 @@ def load_model(
     def place(name: str, tensor: jax.Array) -> None:
         targets = split_targets(name, fused)
         for (target, _), part in zip(targets, _cut(name, tensor, targets), strict=True):
+            part = fuser.broadcast_scale(target, jnp.asarray(part))
+            if fuser.take(target, part, wanted):
+                continue
             if target not in wanted:
                 unexpected.append(target)
                 continue
@@ -363,7 +507,9 @@ def load_model(
                     stacker.add(name, tensor, hit, expected)
                     continue
                 targets = split_targets(name, fused)
-                if scheme is None and not any(target in wanted for target, _ in targets):
+                if scheme is None and not any(
+                    t in wanted or t in fuser.part_of or t in fuser.fusions for t, _ in targets
+                ):
                     if not name.endswith(_IGNORED_SUFFIXES) and _kv_scale_name(name) is None:
                         unexpected.append(name)
                     continue
@@ -377,6 +523,9 @@ def load_model(
                 f"{target} appears twice in checkpoint {model_dir} (fused and per expert)"
             )
         loaded[target] = stacker.stacked(target, tuple(wanted[target].get_value().shape))
+
+    for target in fuser.fusions:
+        loaded[target] = fuser.fused(target)
 
     missing = sorted(set(wanted) - set(loaded))
     if missing:

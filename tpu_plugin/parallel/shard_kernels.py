@@ -146,7 +146,9 @@ def sharded_moe(
     return run
 
 
-def sharded_matmul(kernel: Callable[..., jax.Array], name: str) -> Callable[..., jax.Array]:
+def sharded_matmul(
+    kernel: Callable[..., jax.Array], name: str, weight_shape: tuple[int, ...] | None = None
+) -> Callable[..., jax.Array]:
     """A quantized-matmul kernel (``x [M, K]``, ``w [N, K]``, ``w_scale [N]``) per device
     inside a sharded step; ``name`` is the layer's module path, whose weight's spec
     (:func:`~tpu_plugin.parallel.sharding.param_spec`) says how it is split.
@@ -163,7 +165,17 @@ def sharded_matmul(kernel: Callable[..., jax.Array], name: str) -> Callable[...,
         plan = _active()
         if plan is None:
             return kernel(x, w, w_scale, **kwargs)
-        spec = param_spec(f"{name}.weight", tuple(w.shape), plan.layout)
+        # the parameter's own shape (a fused weight ``[groups, rows, K]`` is multiplied as
+        # its 2-D view ``w``): its first axis split is a row split of ``w``, its last a K split
+        shape = tuple(weight_shape or w.shape)
+        full = tuple(param_spec(f"{name}.weight", shape, plan.layout))
+        full = full + (None,) * (len(shape) - len(full))
+        if full and full[0] == MODEL_AXIS:
+            spec: tuple = (MODEL_AXIS, None)
+        elif full and full[-1] == MODEL_AXIS:
+            spec = (None, MODEL_AXIS)
+        else:
+            spec = ()
         x_scale = kwargs.pop("x_scale", None)
         operands = (x, w, w_scale) + (() if x_scale is None else (x_scale,))
 
