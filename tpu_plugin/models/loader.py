@@ -34,10 +34,12 @@ import glob
 import json
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
@@ -91,27 +93,6 @@ def checkpoint_files(model_dir: str) -> list[str]:
     return files
 
 
-# safetensors' numpy/flax readers have no 8-bit float types; these are read from the bytes.
-_RAW_DTYPES = {"F8_E4M3": jnp.float8_e4m3fn, "F8_E5M2": jnp.float8_e5m2}
-
-
-def _read(reader: Any, file: str, name: str) -> jax.Array:
-    """Tensor ``name`` of ``file``; e4m3 / e5m2 tensors (FP8 checkpoints) from the file's
-    bytes, since safetensors' flax reader cannot represent them."""
-    try:
-        return reader.get_tensor(name)
-    except (AttributeError, TypeError, ValueError):
-        with open(file, "rb") as f:
-            header_bytes = int.from_bytes(f.read(8), "little")
-            info = json.loads(f.read(header_bytes))[name]
-            if info["dtype"] not in _RAW_DTYPES:
-                raise
-            start, end = info["data_offsets"]
-            f.seek(8 + header_bytes + start)
-            raw = np.frombuffer(f.read(end - start), np.uint8)
-        return jnp.asarray(raw.view(_RAW_DTYPES[info["dtype"]]).reshape(info["shape"]))
-
-
 def _param_name(path: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in path)
 
@@ -142,7 +123,7 @@ def _cut(name: str, tensor: jax.Array, targets: list[tuple[str, int | None]]) ->
             f"({', '.join(t for t, _ in targets)}) need {sum(rows)}"
         )
     bounds = [sum(rows[:i]) for i in range(1, len(rows))]
-    return jnp.split(tensor, bounds, axis=0)
+    return (np if isinstance(tensor, np.ndarray) else jnp).split(tensor, bounds, axis=0)
 
 
 class _Stacker:
@@ -199,8 +180,10 @@ class _Stacker:
         if missing:
             shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
             raise CheckpointError(f"{target} cannot be assembled: the checkpoint lacks {shown}")
-        value = jnp.stack(
-            [jnp.concatenate([parts[(e, first)] for first, _ in rules]) for e in range(expected[0])]
+        # Parts read into host memory (``load_model``'s ``host``) are stacked there.
+        xp = np if isinstance(next(iter(parts.values())), np.ndarray) else jnp
+        value = xp.stack(
+            [xp.concatenate([parts[(e, first)] for first, _ in rules]) for e in range(expected[0])]
         )
         if tuple(value.shape) != expected:
             raise CheckpointError(
@@ -358,8 +341,50 @@ def checkpoint_renamer(names: list[str], wanted: set[str]) -> Any:
     return max(candidates, key=hits)  # the first best: plain names win ties
 
 
+# safetensors dtype names -> NumPy dtypes (ml_dtypes, JAX's own, for the ones NumPy lacks).
+_HOST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64,
+    "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}  # fmt: skip
+
+
+class HostReader:
+    """A safetensors file's tensors as NumPy arrays in host memory, for ``load_model``'s
+    ``host`` parameters and the FP8 tensors safetensors' flax reader cannot represent.
+    safetensors' own NumPy reader cannot return bfloat16 (NumPy has no such type), the dtype
+    of nearly every MoE checkpoint; this one maps the file and views the bytes with
+    ml_dtypes' types, so nothing passes through the device."""
+
+    def __init__(self, path: str):
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        self.header = header
+        self.data = np.memmap(path, np.uint8, mode="r", offset=8 + size)
+
+    def get_tensor(self, name: str) -> np.ndarray:
+        entry = self.header[name]
+        if entry["dtype"] not in _HOST_DTYPES:
+            raise CheckpointError(
+                f"{name} is {entry['dtype']}, which tpu-plugin cannot read into host memory"
+            )
+        begin, end = entry["data_offsets"]
+        raw = self.data[begin:end].view(_HOST_DTYPES[entry["dtype"]])
+        return raw.reshape(entry["shape"])  # a view of the map: load_model's astype copies
+
+
+def _read(reader: Any, host_reader: HostReader, name: str) -> jax.Array:
+    """Tensor ``name`` on the device; e4m3 / e5m2 tensors (FP8 checkpoints) through the file's
+    bytes, since safetensors' flax reader cannot represent them."""
+    try:
+        return reader.get_tensor(name)
+    except (AttributeError, TypeError, ValueError):
+        return jnp.asarray(host_reader.get_tensor(name))
+
+
 def abstract_model(
-    model_class: type,
     hf_config: Any,
     dtype: jnp.dtype,
     quant: Quantization | None = None,
@@ -367,11 +392,14 @@ def abstract_model(
     drop: tuple[str, ...] = (),
     kv_scales: tuple[str, ...] = (),
 ) -> nnx.Module:
-    """The port's model with shapes only (no memory), as ``quant`` lays it out: its linear
-    layers quantized (``layers.linear.quantize_linears``), and ``k_scale`` / ``v_scale``
-    parameters on the attention modules named in ``kv_scales`` (``model.layers.0.self_attn
-    .k_scale``, an fp8 cache's scales from the checkpoint). The loader and the TPU planner
-    both build it here, so the planner compiles the parameters serving loads."""
+    """The architecture's flax model as shapes only (``nnx.eval_shape``, no memory), as
+    ``quant`` lays it out: without the top-level modules named in ``drop``, its linear layers
+    quantized (``layers.linear.quantize_linears``), and ``k_scale`` / ``v_scale`` parameters on
+    the attention modules named in ``kv_scales`` (``model.layers.0.self_attn.k_scale``, an fp8
+    cache's scales from the checkpoint). What :func:`load_model` fills, and what the TPU
+    planner (``tpu_plugin.tools.tpu_aot``) compiles with abstract parameters, so the planner
+    compiles the parameters serving loads."""
+    model_class = resolve_model_class(list(hf_config.architectures or []))
 
     def build() -> nnx.Module:
         model = model_class(hf_config, dtype)
@@ -422,18 +450,22 @@ def load_model(
     *,
     drop: tuple[str, ...] = (),
     quant: Quantization | None = None,
+    host: Callable[[str], bool] | None = None,
 ) -> nnx.Module:
     """The architecture's flax model with the checkpoint's weights, in ``dtype``.
 
     ``drop`` names top-level modules the caller never runs (a pooling model's ``lm_head``):
     they are removed before loading, so the checkpoint need not have them. ``quant``
     (``models/quantization.py``): quantized linear layers and an fp8 cache's scales; each
-    checkpoint tensor passes through its :meth:`Quantization.convert` first.
+    checkpoint tensor passes through its :meth:`Quantization.convert` first. Parameters whose
+    name ``host`` accepts are read into host memory as NumPy arrays and never touch the
+    device (MoE offload's routed experts, which may not fit there: runner/expert_cache.py).
     """
+    on_host = host or (lambda name: False)
     model_class = resolve_model_class(list(hf_config.architectures or []))
     quant = quant or Quantization()
     # the model first: its configuration errors (before any file) name the config's problem
-    plain = nnx.split(abstract_model(model_class, hf_config, dtype, drop=drop))[1]
+    plain = nnx.split(abstract_model(hf_config, dtype, drop=drop))[1]
     files = checkpoint_files(model_dir)
     names: list[str] = []
     for file in files:
@@ -443,7 +475,7 @@ def load_model(
     kv_scales = ()
     if quant.kv_cache_dtype is not None:
         kv_scales = tuple(sorted({n for n in map(_kv_scale_name, map(rename, names)) if n}))
-    abstract = abstract_model(model_class, hf_config, dtype, quant, drop=drop, kv_scales=kv_scales)
+    abstract = abstract_model(hf_config, dtype, quant, drop=drop, kv_scales=kv_scales)
     # Schemes apply to the quantized linear layers only: a config's "Linear" target must not
     # quantize an embedding or a norm whose name the scheme's patterns happen to match.
     schemes: dict[str, Any] = {}
@@ -467,7 +499,8 @@ def load_model(
     def place(name: str, tensor: jax.Array) -> None:
         targets = split_targets(name, fused)
         for (target, _), part in zip(targets, _cut(name, tensor, targets), strict=True):
-            part = fuser.broadcast_scale(target, jnp.asarray(part))
+            if not on_host(target):  # host parameters stay NumPy (MoE offload)
+                part = fuser.broadcast_scale(target, jnp.asarray(part))
             if fuser.take(target, part, wanted):
                 continue
             if target not in wanted:
@@ -486,9 +519,11 @@ def load_model(
                 )
             # the parameter's dtype: ``dtype``, except for the few a port keeps in float32
             # (e.g. a router's correction bias) and the quantized layers' own types
-            loaded[target] = jnp.asarray(part).astype(wanted[target].get_value().dtype)
+            part = part if on_host(target) else jnp.asarray(part)
+            loaded[target] = part.astype(wanted[target].get_value().dtype)
 
     for file in files:
+        host_reader = HostReader(file)
         with safe_open(file, framework="flax") as reader:
             for stored in reader.keys():  # noqa: SIM118 (safe_open is not a dict)
                 name = _kv_scale_name(rename(stored)) or rename(stored)
@@ -503,7 +538,11 @@ def load_model(
                             "(keep them bf16) or use a bf16 checkpoint"
                         )
                     expected = tuple(wanted[hit[0]].get_value().shape)
-                    tensor = _read(reader, file, stored).astype(wanted[hit[0]].get_value().dtype)
+                    if on_host(hit[0]):
+                        tensor = host_reader.get_tensor(stored)
+                    else:
+                        tensor = _read(reader, host_reader, stored)
+                    tensor = tensor.astype(wanted[hit[0]].get_value().dtype)
                     stacker.add(name, tensor, hit, expected)
                     continue
                 targets = split_targets(name, fused)
@@ -513,7 +552,10 @@ def load_model(
                     if not name.endswith(_IGNORED_SUFFIXES) and _kv_scale_name(name) is None:
                         unexpected.append(name)
                     continue
-                tensor = _read(reader, file, stored)
+                if any(on_host(t) for t, _ in targets):
+                    tensor = host_reader.get_tensor(stored)
+                else:
+                    tensor = _read(reader, host_reader, stored)
                 for part_name, value in quant.convert(name, tensor, scheme).items():
                     place(part_name, value)
 
