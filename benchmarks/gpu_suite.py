@@ -166,7 +166,19 @@ def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
     return [rng.integers(10, vocab - 10, length).tolist() for _ in range(batch)]
 
 
-def bench_plugin(path: str, batches: list[int], prompt_len: int, new_tokens: int, vocab: int):
+def bench_plugin(
+    path: str,
+    batches: list[int],
+    prompt_len: int,
+    new_tokens: int,
+    vocab: int,
+    *,
+    label: str = "plugin",
+    profile: bool = True,
+    **engine: object,
+):
+    """Decode tok/s per batch into ``RESULTS[f"{label}@{batch}"]``; ``engine``: more
+    ``vllm.LLM`` arguments (``quantization=``, ``kv_cache_dtype=``: bench_quantized.py)."""
     from vllm import LLM, SamplingParams
 
     start = time.perf_counter()
@@ -183,9 +195,10 @@ def bench_plugin(path: str, batches: list[int], prompt_len: int, new_tokens: int
         max_model_len=prompt_len + new_tokens + 16,
         max_num_seqs=max(batches),
         **{"max_num_batched_tokens": 8192, **memory},
-        enable_prefix_caching=False,
-    )  # reruns of the same prompts must recompute
-    RESULTS["plugin_startup_s"] = time.perf_counter() - start
+        enable_prefix_caching=False,  # reruns of the same prompts must recompute
+        **engine,
+    )
+    RESULTS[f"{label}_startup_s"] = time.perf_counter() - start
     save()
     for batch in batches:
         inputs = [{"prompt_token_ids": p} for p in prompts(batch, prompt_len, vocab)]
@@ -207,15 +220,20 @@ def bench_plugin(path: str, batches: list[int], prompt_len: int, new_tokens: int
         t3 = time.perf_counter()
         assert all(len(o.outputs[0].token_ids) == new_tokens for o in outs)
         decode_s = (t3 - t2) - prefill_s
-        RESULTS[f"plugin@{batch}"] = {
+        RESULTS[f"{label}@{batch}"] = {
             "warmup_s": t1 - t0,
             "prefill_s": prefill_s,
             "full_s": t3 - t2,
             "decode_tok_s": batch * (new_tokens - 1) / decode_s,
             "tokens": [o.outputs[0].token_ids[:8] for o in outs[:2]],
         }
-        print("plugin", batch, RESULTS[f"plugin@{batch}"], flush=True)
+        print(label, batch, RESULTS[f"{label}@{batch}"], flush=True)
         save()
+    if not profile:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+        return
     # Same programs, same engine: the device step alone (benchmarks/step_profile.py).
     import cloudpickle
     import step_profile

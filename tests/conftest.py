@@ -110,12 +110,13 @@ def hf_last_logits(model_dir: Path, prompts: list[list[int]]):
         return np.stack([model(torch.tensor([p])).logits[0, -1].numpy() for p in prompts])
 
 
-def jax_last_logits(model_dir: Path, prompts: list[list[int]], dtype=None):
+def jax_last_logits(model_dir: Path, prompts: list[list[int]], dtype=None, quant=None):
     """The port's last-position logits (float32 numpy), each prompt alone through fresh pages.
 
     Runs the loaded flax model directly (no vLLM), with one sequence per call and pages of 16
     tokens, so a mismatch points at the model rather than at batching. ``dtype`` is the
-    serving dtype (default float32).
+    serving dtype (default float32); ``quant`` a ``tpu_plugin.models.quantization
+    .Quantization`` (quantized layers, and the KV pages' dtype).
     """
     import jax.numpy as jnp
     import numpy as np
@@ -127,14 +128,16 @@ def jax_last_logits(model_dir: Path, prompts: list[list[int]], dtype=None):
 
     dtype = dtype or jnp.float32
     cfg = AutoConfig.from_pretrained(model_dir)
-    model = load_model(str(model_dir), cfg, dtype)
+    model = load_model(str(model_dir), cfg, dtype, quant=quant)
+    kv_dtype = (quant.kv_cache_dtype if quant is not None else None) or dtype
     page_size, rows = 16, []
     for prompt in prompts:
         n = len(prompt)
         pages = -(-n // page_size)
         shape = (pages, page_size, cfg.num_key_value_heads, head_dim_of(cfg))
         caches = [
-            (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_hidden_layers)
+            (jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype))
+            for _ in range(cfg.num_hidden_layers)
         ]
         md = AttentionMetadata(
             slot_mapping=jnp.arange(n),

@@ -14,6 +14,7 @@ DEVICES = ("tpu", "cpu", "gpu")
 MODEL_IMPLS = ("auto", "jax", "torchax")
 ATTENTION_IMPLS = ("auto", "xla", "reference", "pallas", "pallas-interpret")
 MOE_IMPLS = ("auto", "xla", "reference", "pallas", "pallas-interpret")
+QUANTIZED_MATMUL_IMPLS = ("auto", "reference", "pallas", "pallas-interpret")
 
 
 def _choice(name: str, valid: tuple[str, ...], default: str | None) -> str | None:
@@ -88,6 +89,15 @@ def moe_impl() -> str:
     in interpret mode on CPU (debugging, tests).
     """
     return _choice("TPU_PLUGIN_MOE", MOE_IMPLS, "auto") or "auto"
+
+
+def quantized_matmul_impl() -> str:
+    """``TPU_PLUGIN_QUANTIZED_MATMUL``: auto|reference|pallas|pallas-interpret.
+
+    ``auto`` is the Pallas kernel on TPU (Mosaic) and GPU (Triton, for the shapes it tiles) and
+    the jnp reference on CPU; ``pallas-interpret`` runs the TPU kernel in interpret mode.
+    """
+    return _choice("TPU_PLUGIN_QUANTIZED_MATMUL", QUANTIZED_MATMUL_IMPLS, "auto") or "auto"
 
 
 MOE_OFFLOAD_POLICIES = ("off", "predict", "lru")
@@ -217,13 +227,25 @@ def compile_for(platform: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def kernel_override(*, attention: str, moe: str) -> Iterator[None]:
-    """Sets ``TPU_PLUGIN_ATTENTION`` and ``TPU_PLUGIN_MOE`` for the enclosed block, then
-    restores them: the TPU planner compiles the kernels a TPU host would pick from a process
-    whose own JAX backend is a CPU (``tpu_plugin.tools.tpu_aot.tpu_kernels``)."""
-    if attention not in ATTENTION_IMPLS or moe not in MOE_IMPLS:
-        raise ValueError(f"unknown kernel choice: attention={attention!r}, moe={moe!r}")
-    names = {"TPU_PLUGIN_ATTENTION": attention, "TPU_PLUGIN_MOE": moe}
+def kernel_override(*, attention: str, moe: str, quantized_matmul: str = "auto") -> Iterator[None]:
+    """Sets ``TPU_PLUGIN_ATTENTION``, ``TPU_PLUGIN_MOE`` and ``TPU_PLUGIN_QUANTIZED_MATMUL`` for
+    the enclosed block, then restores them: the TPU planner compiles the kernels a TPU host
+    would pick from a process whose own JAX backend is a CPU
+    (``tpu_plugin.tools.tpu_aot.tpu_kernels``)."""
+    if (
+        attention not in ATTENTION_IMPLS
+        or moe not in MOE_IMPLS
+        or quantized_matmul not in QUANTIZED_MATMUL_IMPLS
+    ):
+        raise ValueError(
+            f"unknown kernel choice: attention={attention!r}, moe={moe!r}, "
+            f"quantized_matmul={quantized_matmul!r}"
+        )
+    names = {
+        "TPU_PLUGIN_ATTENTION": attention,
+        "TPU_PLUGIN_MOE": moe,
+        "TPU_PLUGIN_QUANTIZED_MATMUL": quantized_matmul,
+    }
     saved = {name: os.environ.get(name) for name in names}
     os.environ.update(names)
     try:

@@ -94,6 +94,7 @@ class TpuPluginPlatform(Platform):
         "TPU_PLUGIN_DEVICE",
         "TPU_PLUGIN_ATTENTION",
         "TPU_PLUGIN_MOE",
+        "TPU_PLUGIN_QUANTIZED_MATMUL",
         "TPU_PLUGIN_MODEL_IMPL",
         "TPU_PLUGIN_HOME",
         "TPU_PLUGIN_COMPILE_CACHE",

@@ -33,9 +33,10 @@ class StartupError(ValueError):
 def _plugin_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is a complete, user-facing sentence."""
     from tpu_plugin.models.loader import CheckpointError
+    from tpu_plugin.models.quantization import QuantizationError
     from tpu_plugin.models.registry import UnsupportedModelError
 
-    return (StartupError, CheckpointError, UnsupportedModelError)
+    return (StartupError, CheckpointError, QuantizationError, UnsupportedModelError)
 
 
 @contextlib.contextmanager

@@ -241,8 +241,9 @@ def _kernel(
             slot = jnp.clip(page * page_size + key % page_size, 0, num_slots - 1)
             in_seq = (key < kv_len)[:, None]
             # Slots past the sequence may hold anything (NaN): zero them, since 0 x NaN = NaN.
-            k = jnp.where(in_seq, k_ref[slot, h, :], 0)
-            v = jnp.where(in_seq, v_ref[slot, h, :], 0)
+            # An fp8 cache is loaded as fp8 and cast to the queries' dtype in registers.
+            k = jnp.where(in_seq, k_ref[slot, h, :].astype(q.dtype), 0)
+            v = jnp.where(in_seq, v_ref[slot, h, :].astype(q.dtype), 0)
             s = plgpu.dot(q, k, trans_b=True, precision=precision).astype(jnp.float32)
             s = s * jnp.float32(sm_scale)
             if soft_cap is not None:

@@ -7,6 +7,9 @@ the peak memory ``block x kv_width x heads x head_dim`` whatever the batch mix.
 
 Writing the step's new keys/values into the pages is a separate scatter
 (:func:`write_kv_pages`), run before attention, so attention sees the current tokens too.
+
+The pages may be narrower than the queries (an fp8 e4m3 cache: half the bytes of bf16); every
+implementation casts what it reads to float32 or the queries' dtype before multiplying.
 """
 
 from __future__ import annotations
@@ -39,9 +42,23 @@ def write_kv_pages(
     # XLA CPU to a full-array loop plus copies (measured 130 ms a step for a 64 MB cache);
     # this form stays an in-place update. Padding slots give a page index past the end.
     page, offset = slot_mapping // page_size, slot_mapping % page_size
-    k_pages = k_pages.at[page, offset].set(new_k.astype(k_pages.dtype), mode="drop")
-    v_pages = v_pages.at[page, offset].set(new_v.astype(v_pages.dtype), mode="drop")
+    k_pages = k_pages.at[page, offset].set(to_page_dtype(new_k, k_pages.dtype), mode="drop")
+    v_pages = v_pages.at[page, offset].set(to_page_dtype(new_v, v_pages.dtype), mode="drop")
     return k_pages, v_pages
+
+
+def to_page_dtype(values: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """``values`` in the cache's dtype; into an fp8 (e4m3) cache saturated at its largest
+    value, since e4m3 has no infinity and a plain cast of anything past 448 is NaN.
+
+    Scaled fp8 caches divide keys and values by their scale before the write and multiply the
+    attention's inputs back (``tpu_plugin/layers/attention.py``): the kernels only read the
+    pages, casting each block to the queries' dtype.
+    """
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits == 8:
+        limit = float(jnp.finfo(dtype).max)
+        values = jnp.clip(values.astype(jnp.float32), -limit, limit)
+    return values.astype(dtype)
 
 
 def token_layout(

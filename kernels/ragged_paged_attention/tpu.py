@@ -189,9 +189,12 @@ def _kernel(
         q_tile = q_ref[pl.ds(row0, tile), :]
         precision = lax.Precision.HIGHEST if q_tile.dtype == jnp.float32 else None
         for h in range(num_kv_heads):
+            # An fp8 cache is read as fp8 (half the DMA bytes) and cast to the queries' dtype
+            # in VMEM; the scales were applied to the queries and the output outside.
             k = k_buf[slot, :, h, :] if len(k_buf.shape) == 4 else k_buf[slot]
             v = v_buf[slot, :, h, :] if len(v_buf.shape) == 4 else v_buf[slot]
-            v = jnp.where(copied, v, jnp.zeros((), v_buf.dtype))
+            k = k.astype(q_tile.dtype)
+            v = jnp.where(copied, v.astype(q_tile.dtype), 0)
             heads = [(h * group + g) * head_dim for g in range(group)]
             q = jnp.concatenate([q_tile[:, c : c + head_dim] for c in heads], axis=0)
             scores = lax.dot_general(

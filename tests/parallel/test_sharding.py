@@ -75,6 +75,26 @@ def test_llama_tp_1_2_4_8(tmp_path):
         assert results[f"tp{tp}"]["kv_spec"] == "P()"
 
 
+@pytest.mark.slow
+def test_quantized_llama_tp_1_2(tmp_path):
+    """An INT8 W8A8 compressed-tensors checkpoint under TP = 2: the int8 weights split with
+    their per-row scales (column-split layers' scales split, row-split layers' whole), and
+    greedy tokens identical to TP = 1."""
+    from tests.conftest import random_prompts
+    from tests.models.quant_checkpoints import quantize_checkpoint
+
+    src = make_random_checkpoint(tmp_path / "llama", LlamaConfig(**DIMS))
+    ckpt = quantize_checkpoint(src, tmp_path / "int8", "int8-w8a8", random_prompts(512))
+    results = run_tp_check(ckpt, {"tp": [1, 2], "lengths": [5, 19]})
+    assert_same_tokens(results)
+    shards, layer = results["tp2"]["shards"], "model.layers.0."
+    assert shards[layer + "self_attn.q_proj.weight"] == [32, 64]
+    assert shards[layer + "self_attn.q_proj.weight_scale"] == [32]
+    assert shards[layer + "mlp.gate_proj.weight_scale"] == [64]
+    assert shards[layer + "mlp.down_proj.weight"] == [64, 64]
+    assert shards[layer + "mlp.down_proj.weight_scale"] == [64]  # rows whole on each device
+
+
 @pytest.mark.parametrize(
     "options",
     [

@@ -27,6 +27,7 @@ from flax import nnx  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
 
 from tpu_plugin.layers.attention import AttentionMetadata  # noqa: E402
+from tpu_plugin.models import quantization  # noqa: E402
 from tpu_plugin.models.llama import head_dim_of  # noqa: E402
 from tpu_plugin.models.loader import load_model  # noqa: E402
 from tpu_plugin.parallel.mesh import build_mesh, layout_from  # noqa: E402
@@ -40,7 +41,9 @@ def greedy(model_dir: str, tp: int, ep: bool, prompts: list[list[int]], steps: i
     jax.config.update("jax_platforms", "cpu")
     cfg = AutoConfig.from_pretrained(model_dir)
     plan = ShardingPlan(build_mesh(tp), layout_from(cfg, tp, ep))
-    model = load_model(model_dir, cfg, jnp.float32)
+    qc = getattr(cfg, "quantization_config", None)  # a quantized checkpoint (compressed-tensors)
+    quant = quantization.from_config(cfg, qc["quant_method"], "auto") if qc else None
+    model = load_model(model_dir, cfg, jnp.float32, quant=quant)
     graphdef, params = nnx.split(model)
     specs = plan.describe(params)
     params = plan.shard_params(params)

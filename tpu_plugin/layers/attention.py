@@ -101,8 +101,20 @@ def paged_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache]:
-    """Stores ``k``/``v`` (``[tokens, kv_heads, dim]``) in the cache and attends ``q``."""
+    """Stores ``k``/``v`` (``[tokens, kv_heads, dim]``) in the cache and attends ``q``.
+
+    An fp8 cache with scales (the checkpoint's ``k_scale`` / ``v_scale``) stores ``k / k_scale``
+    and ``v / v_scale``; since ``q . (k_scale k') = (k_scale q) . k'`` and the output is linear
+    in the values, the queries are multiplied by ``k_scale`` and the output by ``v_scale``, and
+    the kernels read the pages as they are (no per-key multiply in their inner loop).
+    """
+    if k_scale is not None:
+        k, q = k / k_scale.astype(k.dtype), q * k_scale.astype(q.dtype)
+    if v_scale is not None:
+        v = v / v_scale.astype(v.dtype)
     k_pages, v_pages = reference.write_kv_pages(*kv_cache, k, v, metadata.slot_mapping)
     out = attention_kernel()(
         q,
@@ -116,7 +128,19 @@ def paged_attention(
         sliding_window=sliding_window,
         soft_cap=soft_cap,
     )
+    if v_scale is not None:
+        out = out * v_scale.astype(out.dtype)
     return out, (k_pages, v_pages)
+
+
+def kv_scales(module: nnx.Module) -> dict[str, jax.Array]:
+    """An fp8 cache's ``k_scale`` / ``v_scale`` parameters of an attention module, where the
+    loader added them (the checkpoint has them and ``--kv-cache-dtype fp8``); else none (1.0)."""
+    return {
+        name: getattr(module, name)[...]
+        for name in ("k_scale", "v_scale")
+        if getattr(module, name, None) is not None
+    }
 
 
 def encoder_attention(
@@ -226,6 +250,7 @@ class SelfAttention(nnx.Module):
             sm_scale=spec.sm_scale if spec.sm_scale is not None else spec.head_dim**-0.5,
             sliding_window=spec.sliding_window,
             soft_cap=spec.soft_cap,
+            **kv_scales(self),
         )
         return self.o_proj(out.reshape(x.shape[0], -1)), kv_cache
 

@@ -45,13 +45,26 @@ from flax import nnx
 from safetensors import safe_open
 from vllm.logger import init_logger
 
-from tpu_plugin.layers.linear import FusedLinear, Fusion
+from tpu_plugin.layers.linear import FusedLinear, Fusion, QuantizedLinear, quantize_linears
+from tpu_plugin.models import quantization
+from tpu_plugin.models.quantization import Quantization, QuantizationError
 from tpu_plugin.models.registry import resolve_model_class
 
 logger = init_logger(__name__)
 
 # Tensors some checkpoints carry that no port needs (buffers, not weights).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Scales that may be stored as one value for a whole tensor (broadcast to their parameter).
+_SCALES = ("weight_scale", "input_scale", "k_scale", "v_scale")
+# Leaves of quantized checkpoints' tensors; one without a parameter stops start-up.
+_QUANTIZED_LEAVES = (
+    "weight_scale",
+    "weight_packed",
+    "weight_zero_point",
+    "input_scale",
+    "qweight",
+    "qzeros",
+)
 
 
 class CheckpointError(ValueError):
@@ -181,22 +194,38 @@ class _Stacker:
 
 
 class _Fuser:
-    """Collects the parts of every fused parameter of the model and fuses them at the end."""
+    """Collects the parts of every fused parameter of the model and fuses them at the end.
+
+    Quantized fused layers (:class:`QuantizedLinear` with a ``fusion``) fuse their scales
+    exactly like their weight rows: per-channel ``weight_scale`` ``[rows_i]`` and 4-bit group
+    scales / zero points ``[rows_i, K / group]`` are packed by the same :class:`Fusion`, a
+    part's per-tensor weight scale is first broadcast to its rows (per-channel, so parts with
+    different scales stay exact). A static per-tensor ``input_scale`` (W8A8 static) is one
+    number for the one fused matmul: equal parts' scales fuse exactly; parts whose scales
+    differ take the largest (vLLM's rule for its fused layers: no part's activations clip,
+    the others quantize a little more coarsely than unfused), with a warning.
+    """
+
+    LEAVES = ("weight", "bias", "weight_scale", "weight_zero_point", "input_scale")
 
     def __init__(self, model: nnx.Module, wanted: dict[str, Any]):
         self.fusions: dict[str, Fusion] = {}  # fused parameter -> its layout
         self.part_of: dict[str, tuple[str, int]] = {}  # checkpoint name -> (parameter, part)
         for path, node in nnx.iter_graph(model):
-            if not isinstance(node, FusedLinear):
+            if isinstance(node, FusedLinear):
+                fusion = node.fusion
+            elif isinstance(node, QuantizedLinear) and node.fusion is not None:
+                fusion = node.fusion
+            else:
                 continue
             module = _param_name(path)
             parent = module.rpartition(".")[0]
-            for leaf in ("weight", "bias"):
+            for leaf in self.LEAVES:
                 param = f"{module}.{leaf}"
                 if param not in wanted:
                     continue
-                self.fusions[param] = node.fusion
-                for i, part in enumerate(node.fusion.names):
+                self.fusions[param] = fusion
+                for i, part in enumerate(fusion.names):
                     self.part_of[f"{parent}.{part}.{leaf}" if parent else f"{part}.{leaf}"] = (
                         param,
                         i,
@@ -204,12 +233,30 @@ class _Fuser:
         self.parts: dict[str, dict[int, jax.Array]] = {}
         self.sources: dict[str, dict[int, str]] = {}
 
+    def broadcast_scale(self, name: str, tensor: jax.Array) -> jax.Array:
+        """A per-tensor ``weight_scale`` of a fused part (or of a checkpoint's own fused
+        tensor) as per-channel ``[rows]``; anything else unchanged."""
+        if not name.endswith(".weight_scale") or tensor.size != 1:
+            return tensor
+        if name in self.part_of:
+            param, i = self.part_of[name]
+            rows = self.fusions[param].parts[i][1]
+        elif name in self.fusions:
+            rows = self.fusions[name].rows
+        else:
+            return tensor
+        return jnp.broadcast_to(jnp.reshape(tensor, ()), (rows,))
+
     def take(self, name: str, tensor: jax.Array, wanted: dict[str, Any]) -> bool:
         """Keeps ``name`` when it is a part, or a checkpoint's concatenated fused tensor;
         False when it is neither."""
         if name in self.part_of:
             param, i = self.part_of[name]
             self._add(name, param, i, tensor, wanted)
+            return True
+        if name in self.fusions and name.endswith(".input_scale"):  # one number, not rows
+            for i in range(len(self.fusions[name].parts)):
+                self._add(name, name, i, tensor, wanted)
             return True
         if name in self.fusions:
             fusion = self.fusions[name]
@@ -226,7 +273,11 @@ class _Fuser:
     def _add(self, name: str, param: str, i: int, tensor: jax.Array, wanted: dict) -> None:
         value = wanted[param].get_value()
         rows = self.fusions[param].parts[i][1]
-        expected = (rows, *value.shape[2:]) if len(value.shape) > 2 else (rows,)
+        if param.endswith(".input_scale"):
+            expected: tuple[int, ...] = ()
+            tensor = jnp.reshape(jnp.asarray(tensor), ())
+        else:
+            expected = (rows, *value.shape[2:]) if len(value.shape) > 2 else (rows,)
         if tuple(tensor.shape) != expected:
             raise CheckpointError(
                 f"{name} has shape {tuple(tensor.shape)} in the checkpoint, but {param} needs "
@@ -251,7 +302,20 @@ class _Fuser:
             parent = base.rpartition(".")[0]
             names = ", ".join(f"{parent}.{n}.{leaf}" for n in missing)
             raise CheckpointError(f"{param} cannot be assembled: the checkpoint lacks {names}")
-        return fusion.pack([parts[i] for i in range(len(fusion.parts))])
+        tensors = [parts[i] for i in range(len(fusion.parts))]
+        if param.endswith(".input_scale"):
+            scales = jnp.stack(tensors)
+            if bool(jnp.any(scales != scales[0])):
+                logger.warning(
+                    "%s: the parts' static input scales differ (%s); the fused matmul uses "
+                    "the largest, as vLLM does",
+                    param,
+                    ", ".join(
+                        f"{n}={float(v):.6g}" for n, v in zip(fusion.names, scales, strict=True)
+                    ),
+                )
+            return jnp.max(scales)
+        return fusion.pack(tensors)
 
 
 # Prefixes a checkpoint may carry around the port's names: base-model checkpoints of decoders
@@ -287,9 +351,10 @@ _HOST_DTYPES = {
 
 class HostReader:
     """A safetensors file's tensors as NumPy arrays in host memory, for ``load_model``'s
-    ``host`` parameters. safetensors' own NumPy reader cannot return bfloat16 (NumPy has no
-    such type), the dtype of nearly every MoE checkpoint; this one maps the file and views the
-    bytes with ml_dtypes' types, so nothing passes through the device."""
+    ``host`` parameters and the FP8 tensors safetensors' flax reader cannot represent.
+    safetensors' own NumPy reader cannot return bfloat16 (NumPy has no such type), the dtype
+    of nearly every MoE checkpoint; this one maps the file and views the bytes with
+    ml_dtypes' types, so nothing passes through the device."""
 
     def __init__(self, path: str):
         with open(path, "rb") as f:
@@ -303,17 +368,37 @@ class HostReader:
         entry = self.header[name]
         if entry["dtype"] not in _HOST_DTYPES:
             raise CheckpointError(
-                f"{name} is {entry['dtype']}, which MoE offload cannot read into host memory"
+                f"{name} is {entry['dtype']}, which tpu-plugin cannot read into host memory"
             )
         begin, end = entry["data_offsets"]
         raw = self.data[begin:end].view(_HOST_DTYPES[entry["dtype"]])
         return raw.reshape(entry["shape"])  # a view of the map: load_model's astype copies
 
 
-def abstract_model(hf_config: Any, dtype: jnp.dtype, *, drop: tuple[str, ...] = ()) -> nnx.Module:
-    """The architecture's flax model as shapes only (``nnx.eval_shape``), without the
-    top-level modules named in ``drop``: what :func:`load_model` fills, and what the TPU
-    planner (``tpu_plugin.tools.tpu_aot``) compiles with abstract parameters."""
+def _read(reader: Any, host_reader: HostReader, name: str) -> jax.Array:
+    """Tensor ``name`` on the device; e4m3 / e5m2 tensors (FP8 checkpoints) through the file's
+    bytes, since safetensors' flax reader cannot represent them."""
+    try:
+        return reader.get_tensor(name)
+    except (AttributeError, TypeError, ValueError):
+        return jnp.asarray(host_reader.get_tensor(name))
+
+
+def abstract_model(
+    hf_config: Any,
+    dtype: jnp.dtype,
+    quant: Quantization | None = None,
+    *,
+    drop: tuple[str, ...] = (),
+    kv_scales: tuple[str, ...] = (),
+) -> nnx.Module:
+    """The architecture's flax model as shapes only (``nnx.eval_shape``, no memory), as
+    ``quant`` lays it out: without the top-level modules named in ``drop``, its linear layers
+    quantized (``layers.linear.quantize_linears``), and ``k_scale`` / ``v_scale`` parameters on
+    the attention modules named in ``kv_scales`` (``model.layers.0.self_attn.k_scale``, an fp8
+    cache's scales from the checkpoint). What :func:`load_model` fills, and what the TPU
+    planner (``tpu_plugin.tools.tpu_aot``) compiles with abstract parameters, so the planner
+    compiles the parameters serving loads."""
     model_class = resolve_model_class(list(hf_config.architectures or []))
 
     def build() -> nnx.Module:
@@ -321,9 +406,41 @@ def abstract_model(hf_config: Any, dtype: jnp.dtype, *, drop: tuple[str, ...] = 
         for name in drop:
             if getattr(model, name, None) is not None:
                 delattr(model, name)
+        if quant is not None and quant.groups:
+            if not quantize_linears(model, quant.scheme_for):
+                raise QuantizationError(
+                    f"the {quant.method} checkpoint quantizes none of "
+                    f"{model_class.__name__}'s linear layers; check its quantization_config"
+                )
+        for name in kv_scales:
+            module = _module_at(model, name.rpartition(".")[0])
+            if module is not None and (
+                getattr(module, "q_proj", None) is not None
+                or getattr(module, "qkv_proj", None) is not None
+            ):
+                setattr(module, name.rpartition(".")[2], nnx.Param(jnp.ones((), jnp.float32)))
         return model
 
     return nnx.eval_shape(build)
+
+
+def _module_at(model: nnx.Module, path: str) -> Any:
+    node: Any = model
+    for part in path.split("."):
+        node = node[int(part)] if part.isdigit() else getattr(node, part, None)
+        if node is None:
+            return None
+    return node
+
+
+def _kv_scale_name(name: str) -> str | None:
+    """``self_attn.k_scale`` (or the older ``self_attn.k_proj.output_scale``) -> the
+    parameter name of an fp8 cache's scale, else None."""
+    for kv in ("k", "v"):
+        for suffix in (f"self_attn.{kv}_scale", f"self_attn.{kv}_proj.output_scale"):
+            if name.endswith(suffix):
+                return name[: len(name) - len(suffix)] + f"self_attn.{kv}_scale"
+    return None
 
 
 def load_model(
@@ -332,18 +449,43 @@ def load_model(
     dtype: jnp.dtype,
     *,
     drop: tuple[str, ...] = (),
+    quant: Quantization | None = None,
     host: Callable[[str], bool] | None = None,
 ) -> nnx.Module:
     """The architecture's flax model with the checkpoint's weights, in ``dtype``.
 
     ``drop`` names top-level modules the caller never runs (a pooling model's ``lm_head``):
-    they are removed before loading, so the checkpoint need not have them. Parameters whose
+    they are removed before loading, so the checkpoint need not have them. ``quant``
+    (``models/quantization.py``): quantized linear layers and an fp8 cache's scales; each
+    checkpoint tensor passes through its :meth:`Quantization.convert` first. Parameters whose
     name ``host`` accepts are read into host memory as NumPy arrays and never touch the
     device (MoE offload's routed experts, which may not fit there: runner/expert_cache.py).
     """
     on_host = host or (lambda name: False)
     model_class = resolve_model_class(list(hf_config.architectures or []))
-    abstract = abstract_model(hf_config, dtype, drop=drop)
+    quant = quant or Quantization()
+    # the model first: its configuration errors (before any file) name the config's problem
+    plain = nnx.split(abstract_model(hf_config, dtype, drop=drop))[1]
+    files = checkpoint_files(model_dir)
+    names: list[str] = []
+    for file in files:
+        with safe_open(file, framework="flax") as reader:
+            names += list(reader.keys())  # noqa: SIM118 (safe_open is not a dict)
+    rename = checkpoint_renamer(names, {_param_name(p) for p, _ in nnx.to_flat_state(plain)})
+    kv_scales = ()
+    if quant.kv_cache_dtype is not None:
+        kv_scales = tuple(sorted({n for n in map(_kv_scale_name, map(rename, names)) if n}))
+    abstract = abstract_model(hf_config, dtype, quant, drop=drop, kv_scales=kv_scales)
+    # Schemes apply to the quantized linear layers only: a config's "Linear" target must not
+    # quantize an embedding or a norm whose name the scheme's patterns happen to match.
+    schemes: dict[str, Any] = {}
+    for path, module in nnx.iter_modules(abstract):
+        if isinstance(module, QuantizedLinear):
+            schemes[_param_name(path)] = module.scheme
+            if module.fusion is not None:  # the checkpoint names the parts (q_proj, …)
+                parent = _param_name(path).rpartition(".")[0]
+                for part in module.fusion.names:
+                    schemes[f"{parent}.{part}" if parent else part] = module.scheme
     graphdef, state = nnx.split(abstract)
     wanted = {_param_name(path): leaf for path, leaf in nnx.to_flat_state(state)}
     fused = model_class.fused_checkpoint_tensors(hf_config)
@@ -353,49 +495,69 @@ def load_model(
 
     loaded: dict[str, jax.Array] = {}
     unexpected: list[str] = []
-    files = checkpoint_files(model_dir)
-    names: list[str] = []
-    for file in files:
-        with safe_open(file, framework="flax") as reader:
-            names += list(reader.keys())  # noqa: SIM118 (safe_open is not a dict)
-    rename = checkpoint_renamer(names, set(wanted) | set(fuser.part_of))
+
+    def place(name: str, tensor: jax.Array) -> None:
+        targets = split_targets(name, fused)
+        for (target, _), part in zip(targets, _cut(name, tensor, targets), strict=True):
+            if not on_host(target):  # host parameters stay NumPy (MoE offload)
+                part = fuser.broadcast_scale(target, jnp.asarray(part))
+            if fuser.take(target, part, wanted):
+                continue
+            if target not in wanted:
+                unexpected.append(target)
+                continue
+            if target in loaded:
+                raise CheckpointError(f"{target} appears twice in checkpoint {model_dir}")
+            expected = tuple(wanted[target].get_value().shape)
+            if tuple(part.shape) != expected and part.size == 1 and target.endswith(_SCALES):
+                part = jnp.broadcast_to(jnp.reshape(part, ()), expected)  # per-tensor scale
+            if tuple(part.shape) != expected:
+                raise CheckpointError(
+                    f"{target} has shape {tuple(part.shape)} in the checkpoint, but "
+                    f"{model_class.__name__} expects {expected}; config.json "
+                    "does not match the weights: use the config saved with them"
+                )
+            # the parameter's dtype: ``dtype``, except for the few a port keeps in float32
+            # (e.g. a router's correction bias) and the quantized layers' own types
+            part = part if on_host(target) else jnp.asarray(part)
+            loaded[target] = part.astype(wanted[target].get_value().dtype)
+
     for file in files:
         host_reader = HostReader(file)
         with safe_open(file, framework="flax") as reader:
             for stored in reader.keys():  # noqa: SIM118 (safe_open is not a dict)
-                name = rename(stored)
+                name = _kv_scale_name(rename(stored)) or rename(stored)
+                module = name.rpartition(".")[0]
+                scheme = schemes.get(module)
                 hit = stacker.match(name)
                 if hit is not None and hit[0] in wanted:
+                    if quant.groups and quant.scheme_for(module) is not None:
+                        raise QuantizationError(
+                            f"{name}: quantized MoE experts are not supported by tpu-plugin "
+                            "yet; add the experts to the quantization config's ignore list "
+                            "(keep them bf16) or use a bf16 checkpoint"
+                        )
                     expected = tuple(wanted[hit[0]].get_value().shape)
-                    source = host_reader if on_host(hit[0]) else reader
-                    tensor = source.get_tensor(stored).astype(wanted[hit[0]].get_value().dtype)
+                    if on_host(hit[0]):
+                        tensor = host_reader.get_tensor(stored)
+                    else:
+                        tensor = _read(reader, host_reader, stored)
+                    tensor = tensor.astype(wanted[hit[0]].get_value().dtype)
                     stacker.add(name, tensor, hit, expected)
                     continue
                 targets = split_targets(name, fused)
-                if not any(t in wanted or t in fuser.part_of for t, _ in targets):
-                    if not name.endswith(_IGNORED_SUFFIXES):
+                if scheme is None and not any(
+                    t in wanted or t in fuser.part_of or t in fuser.fusions for t, _ in targets
+                ):
+                    if not name.endswith(_IGNORED_SUFFIXES) and _kv_scale_name(name) is None:
                         unexpected.append(name)
                     continue
-                source = host_reader if any(on_host(t) for t, _ in targets) else reader
-                tensor = source.get_tensor(stored)
-                for (target, _), part in zip(targets, _cut(name, tensor, targets), strict=True):
-                    if fuser.take(target, part, wanted):
-                        continue
-                    if target not in wanted:
-                        unexpected.append(target)
-                        continue
-                    if target in loaded:
-                        raise CheckpointError(f"{target} appears twice in checkpoint {model_dir}")
-                    expected = wanted[target].get_value().shape
-                    if tuple(part.shape) != tuple(expected):
-                        raise CheckpointError(
-                            f"{target} has shape {tuple(part.shape)} in the checkpoint, but "
-                            f"{model_class.__name__} expects {tuple(expected)}; config.json "
-                            "does not match the weights: use the config saved with them"
-                        )
-                    # the parameter's dtype: ``dtype``, except for the few a port keeps in
-                    # float32 (e.g. a router's correction bias)
-                    loaded[target] = part.astype(wanted[target].get_value().dtype)
+                if any(on_host(t) for t, _ in targets):
+                    tensor = host_reader.get_tensor(stored)
+                else:
+                    tensor = _read(reader, host_reader, stored)
+                for part_name, value in quant.convert(name, tensor, scheme).items():
+                    place(part_name, value)
 
     for target in stacker.parts:
         if target in loaded:
@@ -416,6 +578,13 @@ def load_model(
         )
     # Tied embeddings: checkpoints often still carry lm_head.weight; it is the embedding.
     unexpected = [n for n in unexpected if n != "lm_head.weight"]
+    quantized = [n for n in unexpected if n.endswith(_QUANTIZED_LEAVES)]
+    if quantized:  # never multiply quantized values as if they were plain weights
+        shown = ", ".join(quantized[:3]) + (" …" if len(quantized) > 3 else "")
+        raise QuantizationError(
+            f"checkpoint {model_dir} has quantized tensors with no quantized layer in "
+            f"{model_class.__name__} ({shown}); supported: {quantization.TAKEN}"
+        )
     if unexpected:
         logger.warning(
             "ignoring %d checkpoint tensors with no parameter: %s",

@@ -144,3 +144,59 @@ def sharded_moe(
         return body(x, weights, expert_ids, w_gate_up, w_down)
 
     return run
+
+
+def sharded_matmul(
+    kernel: Callable[..., jax.Array], name: str, weight_shape: tuple[int, ...] | None = None
+) -> Callable[..., jax.Array]:
+    """A quantized-matmul kernel (``x [M, K]``, ``w [N, K]``, ``w_scale [N]``) per device
+    inside a sharded step; ``name`` is the layer's module path, whose weight's spec
+    (:func:`~tpu_plugin.parallel.sharding.param_spec`) says how it is split.
+
+    Column-split layers (``q_proj``, ``gate_proj``, …) multiply the replicated input by the
+    device's rows; row-split ones (``o_proj``, ``down_proj``) their input slice by their
+    columns, and the partial products are summed over ``model``. A W8A8 row-split layer then
+    quantizes each device's slice of a row with that slice's own scale.
+    """
+    from tpu_plugin.parallel.sharding import param_spec
+
+    @functools.wraps(kernel)
+    def run(x: jax.Array, w: jax.Array, w_scale: jax.Array, **kwargs: Any) -> jax.Array:
+        plan = _active()
+        if plan is None:
+            return kernel(x, w, w_scale, **kwargs)
+        # the parameter's own shape (a fused weight ``[groups, rows, K]`` is multiplied as
+        # its 2-D view ``w``): its first axis split is a row split of ``w``, its last a K split
+        shape = tuple(weight_shape or w.shape)
+        full = tuple(param_spec(f"{name}.weight", shape, plan.layout))
+        full = full + (None,) * (len(shape) - len(full))
+        if full and full[0] == MODEL_AXIS:
+            spec: tuple = (MODEL_AXIS, None)
+        elif full and full[-1] == MODEL_AXIS:
+            spec = (None, MODEL_AXIS)
+        else:
+            spec = ()
+        x_scale = kwargs.pop("x_scale", None)
+        operands = (x, w, w_scale) + (() if x_scale is None else (x_scale,))
+
+        def body(x, w, w_scale, *x_scale):
+            out = kernel(x, w, w_scale, x_scale=x_scale[0] if x_scale else None, **kwargs)
+            return jax.lax.psum(out, MODEL_AXIS) if row else out
+
+        row = tuple(spec) == (None, MODEL_AXIS)
+        if tuple(spec) == (MODEL_AXIS, None):  # column split
+            specs, out = (P(), P(MODEL_AXIS, None), P(MODEL_AXIS)), P(None, MODEL_AXIS)
+        elif row:
+            specs, out = (P(None, MODEL_AXIS), P(None, MODEL_AXIS), P()), P()
+        else:  # replicated: every device multiplies the whole weight
+            specs, out = (P(), P(), P()), P()
+        body = jax.shard_map(
+            body,
+            mesh=plan.mesh,
+            in_specs=specs + ((P(),) if x_scale is not None else ()),
+            out_specs=out,
+            check_vma=False,
+        )
+        return body(*operands)
+
+    return run

@@ -51,6 +51,8 @@ ROW_SPLIT = ("o_proj", "down_proj")
 FUSED_QKV = "qkv_proj"  # [kv_heads, rows per group, hidden]: whole KV groups per device
 FUSED_GATE_UP = "gate_up_proj"  # [intermediate, 2, hidden]: matching gate/up rows per device
 EXPERT_STACKS = {"gate_up_proj": 1, "down_proj": 2}  # stacked tensor → its TP dimension
+# Parameters of quantized linear layers beside ``weight`` and ``bias``.
+QUANTIZATION_LEAVES = ("weight_scale", "weight_zero_point", "input_scale")
 EXPERT_AXIS = "expert"  # the logical axis name the MoE layer annotates (layers/moe.py)
 
 
@@ -82,6 +84,8 @@ def param_spec(
             dims = [i for i, axis in enumerate(logical) if axis == EXPERT_AXIS]
             return _split_dim(shape, dims[0], tp) if dims else P()
         return _split_dim(shape, EXPERT_STACKS[leaf], tp)
+    if leaf in QUANTIZATION_LEAVES:  # quantized layers' scales follow their weight's rows
+        return _scale_spec(module, leaf, shape, layout)
     if leaf not in ("weight", "bias"):
         return P()
     if module == FUSED_QKV and len(shape) >= 2:
@@ -97,6 +101,26 @@ def param_spec(
         return _split_dim(shape, 1, tp) if leaf == "weight" else P()
     if module in ("embed_tokens", "lm_head") and leaf == "weight":
         return _split_dim(shape, 0, tp)
+    return P()
+
+
+def _scale_spec(module: str, leaf: str, shape: tuple[int, ...], layout: ParallelLayout) -> P:
+    """Quantization scales and zero points (``tpu_plugin.layers.linear.QuantizedLinear``):
+    split on the output rows with a column-split weight; a row-split weight's per-row scales
+    are whole on every device, its 4-bit group scales ``[N, K / group]`` split on the groups."""
+    if leaf == "input_scale":
+        return P()
+    if module in (FUSED_QKV, FUSED_GATE_UP) and len(shape) >= 2:
+        # fused scales ``[groups, rows / groups(, K / group)]`` follow their weight (above)
+        if shape[0] % layout.tp == 0:
+            return _split_dim(shape, 0, layout.tp)
+        if module == FUSED_QKV and len(shape) == 3:  # weight split on K: its group scales too
+            return _split_dim(shape, 2, layout.tp)
+        return P()
+    if module in COLUMN_SPLIT:
+        return _split_dim(shape, 0, layout.tp)
+    if module in ROW_SPLIT and len(shape) == 2:
+        return _split_dim(shape, 1, layout.tp)
     return P()
 
 

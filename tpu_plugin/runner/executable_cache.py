@@ -214,6 +214,7 @@ class ExecutableCache:
         context = {
             "hf_config": runner.hf_config.to_json_string(use_diff=False),
             "dtype": str(runner.dtype),
+            "quantization": repr(getattr(runner, "quant", None)),  # models/quantization.py
             "model_impl": runner.model_impl,
             "parallel": [
                 parallel.tensor_parallel_size,

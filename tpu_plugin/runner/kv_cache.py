@@ -7,6 +7,9 @@ one page array (the compressed latent and rotary key, vLLM's ``MLAAttentionSpec`
 vLLM's KV cache manager owns the bookkeeping (which block belongs to which request, prefix
 sharing); this module only describes the per-layer page format to vLLM and allocates the
 pages. A vLLM block id is directly the page index in every layer's arrays.
+
+``--kv-cache-dtype fp8`` stores e4m3 pages (the model's dtype otherwise): vLLM's budget counts
+one byte a value, so it holds twice the tokens of bf16 pages (``runner.kv_dtype``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,14 @@ TORCH_TO_JAX_DTYPE = {
     torch.bfloat16: jnp.bfloat16,
     torch.float16: jnp.float16,
 }
+
+
+def torch_dtype(dtype: Any) -> torch.dtype:
+    """The torch dtype vLLM sizes a page with: the model's, or e4m3 for an fp8 cache (one
+    byte a value, so the same budget holds twice the bf16 tokens)."""
+    if jnp.dtype(dtype) == jnp.float8_e4m3fn:
+        return torch.float8_e4m3fn
+    return next(t for t, j in TORCH_TO_JAX_DTYPE.items() if jnp.dtype(j) == jnp.dtype(dtype))
 
 
 class CacheLayout(NamedTuple):

@@ -26,7 +26,9 @@ from vllm.v1.outputs import (
 
 from tpu_plugin.layers.attention import page_table_width_bucketed
 from tpu_plugin.layers.moe_offload import map_kv_layers
+from tpu_plugin.models import quantization
 from tpu_plugin.models.loader import load_model, resolve_model_dir
+from tpu_plugin.models.quantization import Quantization
 from tpu_plugin.models.registry import select_implementation
 from tpu_plugin.parallel import ShardingPlan, plan_for
 from tpu_plugin.parallel.shard_kernels import sharded_step
@@ -61,6 +63,28 @@ from tpu_plugin.runner.spec_decode import SpecDecoder, SpecPlan
 from tpu_plugin.startup import StartupError
 
 logger = init_logger(__name__)
+
+
+def quantization_of(vllm_config: VllmConfig, model_impl: str, latent_kv: bool) -> Quantization:
+    """The run's quantization (``--quantization`` or the checkpoint's, ``--kv-cache-dtype``),
+    or the start-up error that names what is supported."""
+    model_config = vllm_config.model_config
+    quant = quantization.from_config(
+        model_config.hf_text_config,
+        model_config.quantization,
+        vllm_config.cache_config.cache_dtype,
+    )
+    if model_impl == "torchax" and (quant.method or quant.kv_cache_dtype is not None):
+        raise quantization.QuantizationError(
+            "quantized weights and an fp8 KV cache run on the JAX ports only, not through "
+            "torchax; drop --quantization / --kv-cache-dtype"
+        )
+    if latent_kv and quant.kv_cache_dtype is not None:
+        raise quantization.QuantizationError(
+            "an fp8 KV cache is not supported for multi-head latent attention (DeepSeek-V3) "
+            "yet; drop --kv-cache-dtype"
+        )
+    return quant
 
 
 def jitted_forward(
@@ -104,11 +128,6 @@ class JaxModelRunner:
         self.cache_config = vllm_config.cache_config
         self.scheduler_config = vllm_config.scheduler_config
         self.hf_config = self.model_config.hf_text_config
-        if self.cache_config.cache_dtype not in ("auto", None):
-            raise ValueError(
-                f"tpu-plugin supports kv_cache_dtype='auto' only (got "
-                f"{self.cache_config.cache_dtype!r}); drop --kv-cache-dtype"
-            )
         if self.model_config.logits_processors:
             raise ValueError(
                 "tpu-plugin's jitted sampler cannot run custom torch logits processors; "
@@ -128,6 +147,9 @@ class JaxModelRunner:
             self.num_layers = self.hf_config.num_hidden_layers
             # The model's page layout (K/V pairs, or MLA's latent array), see kv_cache.py.
             self.num_kv_heads, self.head_dim, self.latent_kv = kv_cache.cache_layout(self.hf_config)
+        # Quantized weights and the KV cache's dtype (models/quantization.py); start-up errors.
+        self.quant = quantization_of(vllm_config, self.model_impl, self.latent_kv)
+        self.kv_dtype = self.quant.kv_cache_dtype or self.dtype
 
         # Pooling models (pooling.py): the forward returns pooled rows, not logits.
         self.pooling = (
@@ -198,7 +220,12 @@ class JaxModelRunner:
         offload = self._offload = ExpertOffload.for_runner(self, plan)
         host = offload.is_routed_expert if offload else None
         self.model = load_model(
-            model_dir, self.hf_config, self.dtype, drop=self.unused_modules, host=host
+            model_dir,
+            self.hf_config,
+            self.dtype,
+            drop=self.unused_modules,
+            host=host,
+            quant=self.quant,
         )
         host_experts = offload.take_experts(self.model) if offload else None
         graphdef, self.params = nnx.split(self.model)
@@ -229,7 +256,7 @@ class JaxModelRunner:
             self.num_kv_heads,
             self.head_dim,
             self.block_size,
-            self.model_config.dtype,
+            kv_cache.torch_dtype(self.kv_dtype),
             latent=self.latent_kv,
         )
 
@@ -239,7 +266,7 @@ class JaxModelRunner:
             self.num_layers,
             self.num_kv_heads,
             self.head_dim,
-            self.dtype,
+            self.kv_dtype,
             sharding=self.sharding_plan.kv_sharding,
             latent=self.latent_kv,
         )

@@ -230,7 +230,10 @@ class AbstractEngine:
         layout = layout_from(runner.hf_config, tp, bool(parallel.enable_expert_parallel))
         self.plan = ShardingPlan(build_mesh(tp, devices), layout)
         runner.sharding_plan = self.plan
-        abstract = abstract_model(runner.hf_config, runner.dtype, drop=runner.unused_modules)
+        # The parameters serving loads, quantized layers included (models/loader.py).
+        abstract = abstract_model(
+            runner.hf_config, runner.dtype, runner.quant, drop=runner.unused_modules
+        )
         # MoE offload (runner/expert_cache.py): routed experts in host memory, a device cache.
         self.offload = ExpertOffload.for_runner(runner, self.plan)
         host = self.offload.abstract(abstract) if self.offload else None
@@ -293,7 +296,7 @@ class AbstractEngine:
             runner.block_size,
             runner.num_layers,
             layout,
-            runner.dtype,
+            runner.kv_dtype,
             self.plan.kv_sharding,
         )
         if self.offload:  # the device expert cache rides with the pages (weight_bytes has it)
@@ -384,17 +387,20 @@ def compile_program(program: Program) -> Compiled:
 def tpu_kernels() -> Iterator[None]:
     """Builds for a TPU host from this host, whose own JAX backend is a CPU: every choice a
     TPU host makes from its backend (``envs.target_platform``: the kernels, the sampler's
-    static flags, the page-table widths) is the TPU's, with the Mosaic ragged paged attention
-    and fused-MoE kernels; the choices before are restored after (the tests run CPU engines
-    in the same process)."""
+    static flags, the page-table widths) is the TPU's, with the Mosaic ragged paged attention,
+    fused-MoE and quantized-matmul kernels; the choices before are restored after (the tests
+    run CPU engines in the same process)."""
     from tpu_plugin.layers.attention import attention_kernel
+    from tpu_plugin.layers.linear import quantized_matmul_kernel
     from tpu_plugin.layers.moe import moe_kernel
 
-    with envs.compile_for("tpu"), envs.kernel_override(attention="pallas", moe="pallas"):
-        attention_kernel.cache_clear()
-        moe_kernel.cache_clear()
+    choices = (attention_kernel, moe_kernel, quantized_matmul_kernel)
+    override = envs.kernel_override(attention="pallas", moe="pallas", quantized_matmul="pallas")
+    with envs.compile_for("tpu"), override:
+        for choice in choices:
+            choice.cache_clear()
         try:
             yield
         finally:
-            attention_kernel.cache_clear()
-            moe_kernel.cache_clear()
+            for choice in choices:
+                choice.cache_clear()
