@@ -13,7 +13,10 @@ from flax import nnx
 
 
 class Linear(nnx.Module):
-    """``y = x @ weight.T (+ bias)``."""
+    """``y = x @ weight.T (+ bias)``, plus the token's LoRA adapter where the runner attached
+    adapter slots (``tpu_plugin.layers.lora``; ``None`` otherwise)."""
+
+    lora: nnx.Module | None = None
 
     def __init__(self, in_features: int, out_features: int, dtype: jnp.dtype, bias: bool = False):
         self.weight = nnx.Param(jnp.zeros((out_features, in_features), dtype))
@@ -23,6 +26,8 @@ class Linear(nnx.Module):
         y = jax.lax.dot_general(x, self.weight[...], (((x.ndim - 1,), (1,)), ((), ())))
         if self.bias is not None:
             y = y + self.bias[...]
+        if self.lora is not None and (update := self.lora(x)) is not None:
+            y = y + update
         return y
 
 

@@ -236,13 +236,15 @@ def dummy_step(bucket: StepBucket, num_pages: int, page_size: int, prev_tokens: 
     return jax.device_put(step)._replace(**merge)
 
 
-def step_key(step: Any) -> tuple[int, int, int, int]:
-    """The compiled-program key of a step: tokens, seqs, page width, logits rows."""
+def step_key(step: Any) -> tuple[int, int, int, int, bool]:
+    """The compiled-program key of a step: tokens, seqs, page width, logits rows, and whether
+    it carries LoRA adapters (runner/lora.py)."""
     return (
         step.input_ids.shape[0],
         step.attention.kv_lens.shape[0],
         step.attention.page_indices.shape[1],
         step.logits_indices.shape[0],
+        step.lora_slots is not None,
     )
 
 

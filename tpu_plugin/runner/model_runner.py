@@ -25,6 +25,7 @@ from vllm.v1.outputs import (
 )
 
 from tpu_plugin.layers.attention import page_table_width_bucketed
+from tpu_plugin.layers.lora import token_adapters
 from tpu_plugin.models.loader import load_model, resolve_model_dir
 from tpu_plugin.models.registry import select_implementation
 from tpu_plugin.parallel import ShardingPlan, plan_for
@@ -47,6 +48,7 @@ from tpu_plugin.runner.inputs import (
     merge_prev_tokens,
     prepare_inputs,
 )
+from tpu_plugin.runner.lora import LoRARunner
 from tpu_plugin.runner.pooling import TASKS as POOLING_TASKS
 from tpu_plugin.runner.pooling import PoolingRunner
 from tpu_plugin.runner.prompt_logprobs import (
@@ -75,7 +77,8 @@ def jitted_forward(
     def forward(params: Any, kv_caches: list, step: StepInputs) -> tuple[list, Any]:
         step = merge_prev_tokens(step)
         model = nnx.merge(graphdef, params)
-        with sharded_step(plan):  # Mosaic kernels run per device (parallel/shard_kernels.py)
+        # Mosaic kernels run per device (parallel/shard_kernels.py); LoRA slots per token
+        with sharded_step(plan), token_adapters(step.lora_slots):
             kv_caches, hidden = model(kv_caches, step.input_ids, step.positions, step.attention)
             if pooling is not None:
                 return plan.constrain_kv(kv_caches), pooling.rows(hidden, step)
@@ -140,6 +143,7 @@ class JaxModelRunner:
         self._host_rng = np.random.default_rng(self.model_config.seed)
         self._lazy = LazyCompiles()  # programs compiled while serving (logged once each)
         self.model: nnx.Module | None = None
+        self.lora: LoRARunner | None = None  # --enable-lora (runner/lora.py)
         # Page-table widths are bucketed only where attention's work grows with the width
         # (MLA's latent attention, layers/mla.py, and encoders' window, always do).
         encoder = self.pooling is not None and self.pooling.bidirectional
@@ -176,12 +180,16 @@ class JaxModelRunner:
             return
         drop = ("lm_head",) if self.pooling else ()  # embedding checkpoints often have none
         self.model = load_model(model_dir, self.hf_config, self.dtype, drop=drop)
+        if self.vllm_config.lora_config is not None:  # adapter slots in the parameter tree
+            self.lora = LoRARunner(self.vllm_config, self.model, self.dtype)
         graphdef, self.params = nnx.split(self.model)
         pooling = self.pooling
         # Tensor/expert parallelism: parameters onto the mesh (tpu_plugin/parallel/sharding.py).
         plan = getattr(self, "sharding_plan", None) or plan_for(self.vllm_config)
         self.sharding_plan = plan
         self.params = plan.shard_params(self.params)
+        if self.lora is not None:
+            self.lora.bind(self.params)
 
         self._forward = jitted_forward(graphdef, plan, pooling)
         # Precompiled forward programs by step shape (precompile.precompile); Ray's wrapper below
@@ -223,6 +231,8 @@ class JaxModelRunner:
 
     # ---- one step ------------------------------------------------------------------------
     def _update_states(self, so: SchedulerOutput) -> None:
+        if self.lora is not None:
+            self.lora.track(so)
         for req_id in so.finished_req_ids:
             self.requests.pop(req_id, None)
             if self.pooling is not None:
@@ -286,6 +296,9 @@ class JaxModelRunner:
             max_num_seqs=self.max_num_seqs,
             bucket_widths=self.bucket_page_widths,
         )
+        if self.lora is not None:  # each token's adapter slot
+            scheduled = [so.num_scheduled_tokens[r] for r in req_ids]
+            step = self.lora.step_slots(step, req_ids, scheduled)
         if self.pooling is not None:  # embeddings: no sampling step follows
             return self._pool(step, host, [so.num_scheduled_tokens[r] for r in req_ids])
         if self.async_scheduling:

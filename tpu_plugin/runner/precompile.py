@@ -43,6 +43,7 @@ from tpu_plugin.runner.compile import (
     step_buckets,
     step_key,
 )
+from tpu_plugin.runner.lora import step_variants
 
 logger = init_logger(f"vllm.{__name__}")
 
@@ -208,10 +209,12 @@ def precompile(runner: Any) -> float:
     if getattr(runner, "pooling", None) is not None:  # pooling models sample nothing
         variants, seq_buckets = [], []
     workers = compile_workers()
+    forward_variants = 2 if runner.lora is not None else 1  # base and LoRA (step_variants)
     logger.info(
-        "precompiling %d forward buckets (tokens %d..%d, %d sequence buckets, page widths "
+        "precompiling %d forward buckets x %d (tokens %d..%d, %d sequence buckets, page widths "
         "%d..%d) and %d sampler variants x %d sequence buckets; %d compile thread(s)",
         len(buckets),
+        forward_variants,
         buckets[0].tokens,
         buckets[-1].tokens,
         len(seq_buckets),
@@ -224,7 +227,8 @@ def precompile(runner: Any) -> float:
     start = time.perf_counter()
     cache = runner._executable_cache = ExecutableCache.for_runner(runner)
     runner._compiled_samplers = {}
-    progress = Progress({"forward": len(buckets), "sampler": len(seq_buckets) * len(variants)})
+    num_forward = len(buckets) * forward_variants
+    progress = Progress({"forward": num_forward, "sampler": len(seq_buckets) * len(variants)})
     pool = CompilePool(workers)
     stopping = threading.Event()
 
@@ -256,8 +260,8 @@ def precompile(runner: Any) -> float:
     logger.info(
         "precompiled %d programs (%d forward, %d sampler) in %.1f s (%s)",
         total,
-        len(buckets),
-        total - len(buckets),
+        num_forward,
+        total - num_forward,
         seconds,
         progress.summary(),
     )
@@ -318,10 +322,10 @@ def _build_programs(
 
     forwards = {}
     for bucket in buckets:
-        step = make_step(bucket)
-        args = (runner.params, runner.kv_caches, step)
-        lower = functools.partial(lower_forward, runner._aot_forward)
-        forwards[step_key(step)] = program("forward", (shared, describe(step)), args, lower)
+        for step in step_variants(make_step(bucket), runner.lora is not None):
+            args = (runner.params, runner.kv_caches, step)
+            lower = functools.partial(lower_forward, runner._aot_forward)
+            forwards[step_key(step)] = program("forward", (shared, describe(step)), args, lower)
     samplers, token_ids = {}, {}
     for seqs in sorted({b.seqs for b in buckets}) if variants else []:
         # A real forward's logits: the sampler programs are built for exactly its output.
