@@ -261,6 +261,10 @@ class TpuPluginPlatform(Platform):
             from tpu_plugin.runner.lora import check_lora_config
 
             check_lora_config(vllm_config)
+            if _is_vllm_cli() and "serve" in sys.argv[1:2]:  # refused adapters: 400s
+                from tpu_plugin import lora_api
+
+                lora_api.install()
 
     @classmethod
     def validate_request(

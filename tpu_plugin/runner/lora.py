@@ -65,6 +65,28 @@ def check_lora_config(vllm_config: VllmConfig) -> None:
             "tpu-plugin shards adapters like the base weights they change (A split where the "
             "weight's input is, B where its output is); drop --fully-sharded-loras"
         )
+    if lora.lora_dtype not in ("auto", None, model.dtype):
+        name = str(lora.lora_dtype).removeprefix("torch.")
+        raise ValueError(
+            f"tpu-plugin keeps adapters in the model's dtype "
+            f"({str(model.dtype).removeprefix('torch.')}); drop --lora-dtype {name} or serve "
+            "the model in that dtype"
+        )
+    # Options of vLLM's torch LoRA layers with no counterpart here: refused, never ignored.
+    ignored = {
+        "--default-mm-loras": lora.default_mm_loras,
+        "--enable-tower-connector-lora": lora.enable_tower_connector_lora,
+        "--specialize-active-lora": lora.specialize_active_lora,
+        "--enable-mixed-moe-lora-format": lora.enable_mixed_moe_lora_format,
+        "--enable-moe-shared-loras": lora.enable_moe_shared_loras,
+        "--max-lora-cls-labels": lora.max_lora_cls_labels,
+    }
+    used = [flag for flag, value in ignored.items() if value]
+    if used:
+        raise ValueError(
+            f"tpu-plugin's LoRA adapts the dense projections of text models only (MoE experts, "
+            f"vision towers and classification heads are not adapted); drop {', '.join(used)}"
+        )
     unknown = sorted(set(lora.target_modules or ()) - set(TARGET_MODULES))
     if unknown:
         raise ValueError(
