@@ -213,7 +213,8 @@ def write_checkpoint(path: str, config) -> int:
             k: v.shape for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()
         }
     total, shard, shard_bytes, index = 0, {}, 0, {}
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # bench_lora.py's CPU figure
+    gen = torch.Generator(device=device).manual_seed(0)
 
     def flush(n: int) -> None:
         name = f"model-{n:05d}.safetensors"
@@ -226,7 +227,7 @@ def write_checkpoint(path: str, config) -> int:
             t = torch.ones(shape, dtype=torch.bfloat16)
         else:
             t = (
-                torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16) * 0.02
+                torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16) * 0.02
             ).cpu()
         shard[key] = t
         shard_bytes += t.numel() * 2

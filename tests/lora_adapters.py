@@ -26,9 +26,16 @@ ADAPTERS = [
 
 
 def make_adapter(
-    out_dir: Path, base_dir: Path, rank: int, targets: list[str], seed: int, **config
+    out_dir: Path,
+    base_dir: Path,
+    rank: int,
+    targets: list[str],
+    seed: int,
+    scale: float = 0.3,
+    **config,
 ) -> Path:
-    """Saves a PEFT LoRA adapter of ``base_dir`` (random A and B) to ``out_dir``."""
+    """Saves a PEFT LoRA adapter of ``base_dir`` to ``out_dir``: A and B entries drawn from
+    N(0, ``scale``^2), so that the adapter changes the greedy tokens."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -42,7 +49,7 @@ def make_adapter(
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
-                param.copy_(torch.randn_like(param) * 0.3)
+                param.copy_(torch.randn_like(param) * scale)
     peft_model.save_pretrained(out_dir)
     return out_dir
 

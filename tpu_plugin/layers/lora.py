@@ -19,11 +19,12 @@ gather of per-token weights (``tokens x`` the weight bytes) or sorted segments (
 .ragged_dot`` expands into the same masked dense product on XLA's CPU and GPU backends;
 measured in ``benchmarks/NOTES_lora.md``).
 
-Fused projections (``qkv_proj``, ``gate_up_proj``: :class:`~tpu_plugin.layers.linear.Fusion`)
-get one update for all their parts: A stacks the parts' A matrices (``parts * rank`` rows), B
-is block diagonal (part ``p``'s output rows read only its own ``rank`` columns) and is packed
-into the fused weight's own output layout with ``Fusion.pack``, so the update is added to the
-fused output before it is split, whatever the layout, and B shards exactly like the weight.
+Fused projections (a ``Linear`` with a ``fusion`` attribute listing its parts, e.g.
+``qkv_proj``; none of the current ports fuses, the path is ready for those that will) get one
+update for all their parts: A stacks the parts' A matrices (``parts * rank`` rows), B is block
+diagonal (part ``p``'s output rows read only its own ``rank`` columns) and is packed into the
+fused weight's own output layout with ``fusion.pack``, so the update is added to the fused
+output before it is split, whatever the layout, and B shards exactly like the weight.
 Scaling (``lora_alpha / r``, rsLoRA's ``/ sqrt(r)``) is folded into B when a slot is written.
 
 The model never learns about vLLM: it sees arrays in its parameter tree and an index per token.

@@ -96,6 +96,9 @@ class EngineOptions:
     kv_cache_dtype: str = "auto"
     quantization: str | None = None
     async_scheduling: bool | None = None
+    enable_lora: bool = False  # adds each forward's LoRA variant (runner/lora.py)
+    max_loras: int | None = None
+    max_lora_rank: int | None = None
 
 
 def model_directory(model: str) -> str:
@@ -204,7 +207,16 @@ class AbstractEngine:
         self.plan = ShardingPlan(build_mesh(tp, devices), layout)
         runner.sharding_plan = self.plan
         model_class = resolve_model_class(list(runner.model_config.architectures or []))
-        abstract = nnx.eval_shape(lambda: model_class(runner.hf_config, runner.dtype))
+
+        def build() -> nnx.Module:
+            model = model_class(runner.hf_config, runner.dtype)
+            if vllm_config.lora_config is not None:  # the adapter slots, as the runner adds
+                from tpu_plugin.runner.lora import LoRARunner
+
+                runner.lora = LoRARunner(vllm_config, model, runner.dtype)
+            return model
+
+        abstract = nnx.eval_shape(build)
         graphdef, state = nnx.split(abstract)
         self.params = self.plan.abstract_params(state)
         self.forward = jitted_forward(graphdef, self.plan)
@@ -273,6 +285,7 @@ class AbstractEngine:
         from tpu_plugin.runner import compile as buckets_of
         from tpu_plugin.runner.async_output import record_tokens
         from tpu_plugin.runner.inputs import HostStep
+        from tpu_plugin.runner.lora import step_variants
         from tpu_plugin.runner.sampler import sample
 
         runner, replicated = self.runner, self.plan.replicated
@@ -295,12 +308,13 @@ class AbstractEngine:
         prev = np.zeros(runner.max_num_seqs, np.int32) if async_scheduling else None
         programs, logits_of = [], {}
         for bucket in steps:
-            step = _abstract(
-                buckets_of.dummy_step(bucket, self.num_blocks, runner.block_size, prev), replicated
-            )
-            lower = self._lowering(self.forward.lower, self.params, self.kv_caches, step)
-            label = f"forward tokens={bucket.tokens} seqs={bucket.seqs} pages={bucket.pages}"
-            programs.append(Program("forward", label, lower, bucket=bucket, seqs=bucket.seqs))
+            dummy = buckets_of.dummy_step(bucket, self.num_blocks, runner.block_size, prev)
+            for variant in step_variants(dummy, runner.lora is not None):
+                step = _abstract(variant, replicated)
+                lower = self._lowering(self.forward.lower, self.params, self.kv_caches, step)
+                label = f"forward tokens={bucket.tokens} seqs={bucket.seqs} pages={bucket.pages}"
+                label += " lora" if variant.lora_slots is not None else ""
+                programs.append(Program("forward", label, lower, bucket=bucket, seqs=bucket.seqs))
             vocab = runner.batch.vocab_size
             logits_of.setdefault(
                 bucket.seqs,
