@@ -72,9 +72,10 @@ def test_bad_adapters_are_refused_and_the_engine_keeps_serving(tmp_path, make_ll
     too_high = make_adapter(tmp_path / "rank16", base, 16, ["q_proj"], seed=2)
     foreign = make_adapter(tmp_path / "foreign", wider, 4, ["q_proj"], seed=3)
     extra_layer = make_adapter(tmp_path / "layer2", deeper, 4, ["k_proj"], seed=4)
+    head = make_adapter(tmp_path / "head", base, 4, ["q_proj", "lm_head"], seed=5)
     llm = make_llm(base, skip_tokenizer_init=True, dtype="float32", **LORA_ARGS)
-    [good_req, high_req, foreign_req, layer_req] = lora_requests(
-        [good, too_high, foreign, extra_layer]
+    [good_req, high_req, foreign_req, layer_req, head_req] = lora_requests(
+        [good, too_high, foreign, extra_layer, head]
     )
     with pytest.raises(Exception, match="LoRA rank 16 is greater than max_lora_rank 8"):
         llm.llm_engine.add_lora(high_req)
@@ -82,6 +83,8 @@ def test_bad_adapters_are_refused_and_the_engine_keeps_serving(tmp_path, make_ll
         llm.llm_engine.add_lora(foreign_req)
     with pytest.raises(Exception, match="the base model has 2 layers"):
         llm.llm_engine.add_lora(layer_req)
+    with pytest.raises(Exception, match=r"expected target modules in .* but received .*lm_head"):
+        llm.llm_engine.add_lora(head_req)  # a module this plugin does not adapt
     assert llm.llm_engine.add_lora(good_req)
     assert set(llm.llm_engine.list_loras()) == {good_req.lora_int_id}  # a list over RPC
     prompts = random_prompts(SMALL["vocab_size"], (4, 9))
