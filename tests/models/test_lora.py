@@ -110,3 +110,34 @@ def test_steps_without_adapters_are_the_base_program(tmp_path):
     assert np.abs(with_slots[1] - without[1]).max() == 0  # slot -1: the base model
     assert np.abs(with_slots[3] - without[3]).max() == 0  # an empty slot adds zero
     assert np.abs(with_slots[0] - without[0]).max() > 1e-3
+
+
+def test_adapter_slots_shard_like_their_weights():
+    """TP = 2: B splits where a column-split weight splits its outputs (q/k/v/gate/up), A
+    where a row-split weight splits its inputs (o/down); the other factor is replicated."""
+    from jax.sharding import PartitionSpec as P
+
+    from tpu_plugin.models.registry import resolve_model_class
+    from tpu_plugin.parallel import ShardingPlan
+    from tpu_plugin.parallel.mesh import layout_from
+
+    cfg = LlamaConfig(**SMALL)
+    cfg.architectures = ["LlamaForCausalLM"]
+    model_class = resolve_model_class(cfg.architectures)
+
+    def build():
+        model = model_class(cfg, jnp.float32)
+        attach_slots(model, 3, MAX_RANK, jnp.float32)
+        return model
+
+    state = nnx.state(nnx.eval_shape(build))
+    specs = ShardingPlan(mesh=None, layout=layout_from(cfg, 2, False)).describe(state)
+    layer = "model.layers.1"
+    for proj in ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.up_proj"):
+        assert specs[f"{layer}.{proj}.weight"] == P("model", None)
+        assert specs[f"{layer}.{proj}.lora.a"] == P(None, None, None), proj
+        assert specs[f"{layer}.{proj}.lora.b"] == P("model", None, None), proj
+    for proj in ("self_attn.o_proj", "mlp.down_proj"):
+        assert specs[f"{layer}.{proj}.weight"] == P(None, "model")
+        assert specs[f"{layer}.{proj}.lora.a"] == P(None, None, "model"), proj
+        assert specs[f"{layer}.{proj}.lora.b"] == P(None, None, None), proj
