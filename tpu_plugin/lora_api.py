@@ -52,18 +52,14 @@ def install() -> None:
 async def engine_verdict(models: Any, request: Any) -> str | None:
     """The worker's reason to refuse the adapter of ``request``, or None (also when the
     request is malformed or the check itself fails: vLLM's handler then answers as always)."""
-    from vllm.lora.request import LoRARequest
-
     if not request.lora_name or not request.lora_path or models.is_base_model(request.lora_name):
         return None
     known = models.lora_requests.get(request.lora_name)
-    probe = LoRARequest(
-        lora_name=request.lora_name,
-        lora_int_id=known.lora_int_id if known is not None else 1,  # the id is not used
-        lora_path=request.lora_path,
-    )
+    lora_id = known.lora_int_id if known is not None else 1  # the id is not used by the check
+    args = (request.lora_name, lora_id, request.lora_path)  # plain fields survive the RPC
     try:
-        verdicts = await models.engine_client.collective_rpc("check_lora_adapter", args=(probe,))
-    except Exception:  # noqa: BLE001 (not found, engine trouble: vLLM's handler reports it)
+        verdicts = await models.engine_client.collective_rpc("check_lora_adapter", args=args)
+    except Exception as error:  # noqa: BLE001 (engine trouble: vLLM's handler reports it)
+        logger.warning("LoRA adapter check of %r failed: %s", request.lora_name, error)
         return None
     return next((v for v in verdicts if v), None)

@@ -219,9 +219,10 @@ class TpuPluginWorker(WorkerBase):
     def list_loras(self) -> set[int]:
         return self._lora().manager.list_adapters()
 
-    def check_lora_adapter(self, lora_request: LoRARequest) -> str | None:
-        """Why the adapter cannot be served here, or None (the API server's 400s)."""
-        return self._lora().check_adapter(lora_request)
+    def check_lora_adapter(self, lora_name: str, lora_int_id: int, lora_path: str) -> str | None:
+        """Why the adapter cannot be served here, or None (the API server's 400s). Plain
+        fields: a ``LoRARequest`` in ``collective_rpc`` args arrives as an untyped list."""
+        return self._lora().check_adapter(LoRARequest(lora_name, lora_int_id, lora_path))
 
     def get_supported_tasks(self) -> tuple[str, ...]:
         return self.model_runner.supported_tasks()

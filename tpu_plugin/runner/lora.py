@@ -301,8 +301,12 @@ class LoRARunner:
 
         Loads and checks only; nothing is registered (the API server's 400s, lora_api.py).
         """
+        from vllm.exceptions import VLLMNotFoundError
+
         try:
             self.manager._load_adapter(lora_request)
+        except VLLMNotFoundError:  # no such adapter: vLLM's handler answers its 404
+            return None
         except (ValueError, FileNotFoundError) as error:  # the adapter, not the engine
             return str(error)
         return None
