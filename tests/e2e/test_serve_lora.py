@@ -52,7 +52,7 @@ def test_serve_lora_modules_mixed_batch_and_runtime_loading(tmp_path, smollm2_di
     args = ["--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "8"]
     args += ["--kv-cache-memory-bytes", str(64 * 2**20), "--enable-lora", "--max-loras", "2"]
     args += ["--max-lora-rank", "8", "--lora-modules", *modules]
-    with vllm_server(smollm2_dir, *args, api_key=API_KEY) as server:
+    with vllm_server(smollm2_dir, *args, api_key=API_KEY, startup_timeout=900) as server:
         client = openai.OpenAI(base_url=server.v1, api_key=API_KEY, max_retries=0)
         names = {m.id for m in client.models.list().data}
         base_name = str(smollm2_dir)
