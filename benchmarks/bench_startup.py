@@ -94,8 +94,6 @@ def start_up(python: str, env: dict[str, str], args: argparse.Namespace) -> dict
 
 
 def main() -> None:
-    from tpu_plugin.tools.build_smollm2 import build
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--model", default=None, help="default: the embedded SmolLM2")
@@ -105,8 +103,10 @@ def main() -> None:
     parser.add_argument("--stock-python", default=STOCK_PYTHON)
     args = parser.parse_args()
     if args.child:
-        child(args)
+        child(args)  # the stock engine's child runs in a venv without the plugin
         return
+    from tpu_plugin.tools.build_smollm2 import build
+
     args.model = args.model or str(build())
     engines = {"tpu-plugin": (sys.executable, {"TPU_PLUGIN_DEVICE": "cpu"})}
     if not args.no_stock:
@@ -132,13 +132,17 @@ def main() -> None:
             rows[name][label] = start_up(python, env, args)
             print(name, label, json.dumps(rows[name][label]), flush=True)
         shutil.rmtree(cache, ignore_errors=True)
-    print("\n| engine | cold `LLM()` s | warm `LLM()` s | warm / cold | programs | answer |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "\n| engine | cold `LLM()` s | warm `LLM()` s | warm / cold | cold / warm process s "
+        "(import + LLM() + generate) | programs | answer |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for name, row in rows.items():
         cold, warm = row["cold"]["llm_init_s"], row["warm"]["llm_init_s"]
         programs = row["cold"].get("programs", "")
         print(
-            f"| {name} | {cold:.1f} | {warm:.1f} | {warm / cold:.2f} | {programs} | "
+            f"| {name} | {cold:.1f} | {warm:.1f} | {warm / cold:.2f} | "
+            f"{row['cold']['process_s']:.1f} / {row['warm']['process_s']:.1f} | {programs} | "
             f"{row['warm']['text']!r} |"
         )
     if len(rows) == 2:

@@ -1,19 +1,41 @@
-"""Every GPU benchmark in one call on the lent machine; the table prints last.
+"""Every GPU benchmark in one call on the lent machine; the tables print last.
 
-    python3 benchmarks/gpu_suite.py [--smoke] [--batches 1 32 128] [--skip-hf]
+    python3 benchmarks/gpu_suite.py [--smoke | --cpu-dry-run] [--batches 1 32 128]
+                                    [--stages ...] [--peers-gpu 1] [--budget-s 585]
 
-1. copy bandwidth of the GPU (torch device-to-device copy, bytes read + written), then the
-   ragged paged attention decode kernels (reference and Pallas GPU) against it, in a child
-   process;
-2. a Llama-3-8B-shaped bf16 checkpoint with random weights, written on the device;
-3. the plugin (``vllm.LLM``, TPU_PLUGIN_DEVICE=gpu): decode throughput per batch size with
+Stages, in this order (``--stages`` picks some; each writes its results as it goes, so a run
+cut short still reports):
+
+1. copy bandwidth of the GPU (torch device-to-device copy, bytes read + written);
+2. ``kernels``: the ragged paged attention decode kernels against it and the Pallas GPU kernel's
+   tile sweep at 2k and 8k context, writing the measured table ``$OUT/gpu_tuning_table.py``
+   (``attention_sweep.py``), in a child process (with ``--peers-gpu N`` on GPU N, while this
+   process writes the checkpoint);
+3. a Llama-3-8B-shaped bf16 checkpoint with random weights, written on the device;
+4. ``hf`` and ``hf_compiled``: the Hugging Face peers (``hf_peers.py``: ``generate`` eager, and
+   with a static cache and compiled, CUDA-graphed decoding; the compiled one first, the one the
+   targets compare against), in a child process: on the same
+   GPU before the plugin, or with ``--peers-gpu N`` on GPU N after the kernel stage, at the same
+   time as the plugin (the x2 machine: the whole suite then fits one call of 8 minutes);
+5. ``plugin`` (``vllm.LLM``, TPU_PLUGIN_DEVICE=gpu): decode throughput per batch size with
    512-token prompts and 256 new tokens (greedy, ignore_eos); decode time = full run minus a
-   prefill-only run (max_tokens=1), both after a warm-up run that compiles the buckets;
-4. HF transformers ``generate`` on the same GPU, same prompts, timed the same way;
-5. the HBM roofline: (weights + KV bytes read per step) / measured copy bandwidth.
+   prefill-only run (max_tokens=1), both after a warm-up run that compiles the buckets; then the
+   engine's own decode programs profiled in its worker (``step_profile.py``): device time per
+   step, and every kernel of a step named and timed (the optimized HLO of the very program
+   joined with its profiler trace; the HLO text goes to ``$OUT/step_hlo/``);
+6. ``xla_dump``: ``decode_hlo.py`` in a child process, one decode program (``--dump-batches``,
+   default the middle batch) compiled with ``XLA_FLAGS=--xla_dump_to=$OUT/xla_dump`` and traced,
+   inventory in ``$OUT/decode_hlo/``;
+7. the HBM roofline: (weights + KV bytes read per step) / measured copy bandwidth.
 
-``--smoke`` uses a 2-layer model and small shapes to prove the path in a minute. Partial
-results are written to $OUT/gpu_suite.json after each stage, so a run cut short still reports.
+``--budget-s``: the call's wall-clock limit; a stage that cannot fit in what is left is
+recorded as skipped (the xla dump first: the plugin stage profiles its programs too).
+``--smoke`` uses a 2-layer model and small shapes to prove the path in a minute.
+``--cpu-dry-run`` is ``--smoke`` on this machine's CPU (JAX CPU, torch CPU, the attention kernel
+in interpret mode, HF's compile without CUDA graphs): every stage and table runs, no number
+means anything; it is how the suite is checked before a device call (with ``--peers-gpu 1`` the
+side chain runs beside the main stages on the same CPU). Results:
+``$OUT/gpu_suite.json`` (+ ``attention_sweep.json``, ``hf_peers.json`` of the children).
 """
 
 from __future__ import annotations
@@ -24,6 +46,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 os.environ.setdefault("TPU_PLUGIN_DEVICE", "gpu")
@@ -32,6 +55,8 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 OUT = os.environ.get("OUT", "/tmp")
 RESULTS: dict = {}
+# "cuda" on the lent GPU; "cpu" for --cpu-dry-run (set by main before any stage)
+DEVICE = "cuda"
 
 
 def save() -> None:
@@ -40,12 +65,19 @@ def save() -> None:
 
 
 def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (CPU: a host memcpy)."""
     import torch
 
-    x = torch.empty(2**30, dtype=torch.float32, device="cuda")  # 4 GiB
+    n = 2**30 if DEVICE == "cuda" else 2**24  # 4 GiB of float32 (CPU: 64 MiB)
+    x = torch.empty(n, dtype=torch.float32, device=DEVICE)
     y = torch.empty_like(x)
     for _ in range(3):
         y.copy_(x)
+    if DEVICE != "cuda":
+        start = time.perf_counter()
+        for _ in range(10):
+            y.copy_(x)
+        return 2 * 4 * n / ((time.perf_counter() - start) / 10)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(10):
@@ -55,121 +87,7 @@ def copy_bandwidth() -> float:
     seconds = start.elapsed_time(end) / 1e3 / 10
     del x, y
     torch.cuda.empty_cache()
-    return 2 * 4 * 2**30 / seconds
-
-
-def bench_attention_kernels(
-    contexts: list[int], bw: float, batch: int = 64, sweep: list[tuple] | None = None
-) -> None:
-    """Ragged paged attention decode (GQA 32/8, head 128, bf16, page 16): achieved KV bytes/s.
-
-    Times the reference once and the Pallas GPU kernel for every config of ``sweep`` (default
-    below); per context it records each config's fraction of the copy bandwidth and
-    relative error against the reference, and the best config (``attn_best@<context>``). The
-    kernel's defaults are also stored as ``attn_pallas-gpu@<context>``. A config that fails to
-    build or run is recorded with its error and the sweep goes on.
-
-    Runs in a subprocess-free way before the engine starts; JAX's preallocation is turned off
-    for this process so the engine (a separate process) still gets its memory.
-    """
-    import functools
-
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from tpu_kernels.ragged_paged_attention import reference
-
-    # (num_kv_splits, num_kv_pages_per_block, num_warps, num_stages, block_q); None = the
-    # kernel's default (here: 8 splits, 4 pages = 64 keys, block_q 4 = 16-row tiles). The
-    # first row is the kernel's defaults. 12 configs, ~1 s of compile each per context.
-    sweep = sweep or [
-        (None, None, 4, 2, None),
-        (1, 4, 4, 2, 16),  # the kernel before split-KV: 64-row tiles, one split
-        (4, 4, 4, 2, 16),  # split-KV on 64-row tiles
-        (1, 4, 4, 2, None),  # 16-row tiles, one split
-        (2, 4, 4, 2, None),
-        (4, 4, 4, 2, None),
-        (16, 4, 4, 2, None),
-        (8, 2, 4, 2, None),
-        (8, 8, 4, 2, None),
-        (8, 4, 4, 3, None),
-        (8, 4, 8, 2, None),
-        (8, 4, 2, 2, None),
-    ]
-    impls = {"reference": reference.ragged_paged_attention}
-    try:
-        from tpu_kernels.ragged_paged_attention import gpu
-
-        for i, (splits, pages, warps, stages, block_q) in enumerate(sweep):
-            name = (
-                "pallas-gpu"
-                if i == 0
-                else f"pallas-gpu splits={splits or 'auto'} pages={pages or 'auto'} "
-                f"warps={warps} stages={stages} block_q={block_q or 'auto'}"
-            )
-            impls[name] = functools.partial(
-                gpu.ragged_paged_attention,
-                num_kv_splits=splits,
-                num_kv_pages_per_block=pages,
-                num_warps=warps,
-                num_stages=stages,
-                block_q=block_q,
-            )
-    except ImportError:
-        pass
-    q_heads, kv_heads, dim, page = 32, 8, 128, 16
-    for context in contexts:
-        pages_per_seq = context // page
-        num_pages = batch * pages_per_seq
-        key = jax.random.key(context)
-        kq, kk, kv = jax.random.split(key, 3)
-        q = jax.random.normal(kq, (batch, q_heads, dim), jnp.bfloat16)
-        k = jax.random.normal(kk, (num_pages, page, kv_heads, dim), jnp.bfloat16)
-        v = jax.random.normal(kv, (num_pages, page, kv_heads, dim), jnp.bfloat16)
-        table = jnp.asarray(np.random.default_rng(0).permutation(num_pages).reshape(batch, -1))
-        kv_lens = jnp.full((batch,), context, jnp.int32)
-        starts = jnp.arange(batch + 1, dtype=jnp.int32)
-        num_seqs = jnp.array([batch], jnp.int32)
-        kv_bytes = 2 * batch * context * kv_heads * dim * 2
-        ref = None
-        stage_start = time.perf_counter()
-        for name, fn in impls.items():
-            layout = (kv_lens, table, starts, num_seqs)
-            call = jax.jit(lambda q, k, v, layout, fn=fn: fn(q, k, v, *layout, sm_scale=dim**-0.5))
-            try:
-                out = np.asarray(call(q, k, v, layout).block_until_ready(), np.float32)
-                call(q, k, v, layout).block_until_ready()
-                start = time.perf_counter()
-                for _ in range(50):
-                    result = call(q, k, v, layout)
-                result.block_until_ready()
-                seconds = (time.perf_counter() - start) / 50
-            except Exception as error:  # a kernel that fails to build is reported, not fatal
-                RESULTS[f"attn_{name}@{context}"] = {"error": str(error)[:300]}
-                continue
-            row = {
-                "ms": seconds * 1e3,
-                "kv_bytes_s": kv_bytes / seconds,
-                "fraction_of_copy_bw": kv_bytes / seconds / bw,
-            }
-            if name == "reference":
-                ref = out
-            elif ref is not None:
-                row["rel_err"] = float(np.abs(out - ref).max() / np.abs(ref).max())
-            RESULTS[f"attn_{name}@{context}"] = row
-            print("attention", context, name, row, flush=True)
-        timed = {
-            name: RESULTS[f"attn_{name}@{context}"]
-            for name in impls
-            if name != "reference" and "ms" in RESULTS[f"attn_{name}@{context}"]
-        }
-        if timed:
-            best = min(timed, key=lambda name: timed[name]["ms"])
-            RESULTS[f"attn_best@{context}"] = {"config": best, **timed[best]}
-        RESULTS[f"attn_stage@{context}"] = {"seconds": time.perf_counter() - stage_start}
-        save()
-        del q, k, v
+    return 2 * 4 * n / seconds
 
 
 def llama_config(smoke: bool):
@@ -213,7 +131,8 @@ def write_checkpoint(path: str, config) -> int:
             k: v.shape for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()
         }
     total, shard, shard_bytes, index = 0, {}, 0, {}
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # bench_lora.py's CPU figure
+    # bench_lora.py writes its checkpoint on a machine without CUDA too
+    device = DEVICE if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device=device).manual_seed(0)
 
     def flush(n: int) -> None:
@@ -253,14 +172,19 @@ def bench_plugin(path: str, batches: list[int], prompt_len: int, new_tokens: int
     from vllm import LLM, SamplingParams
 
     start = time.perf_counter()
+    # CPU dry run: a fixed KV budget (a fraction of host RAM would be most of it)
+    memory = (
+        {"gpu_memory_utilization": 0.9}
+        if DEVICE == "cuda"
+        else {"kv_cache_memory_bytes": 2**27, "max_num_batched_tokens": 512}
+    )
     llm = LLM(
         model=path,
         skip_tokenizer_init=True,
         dtype="bfloat16",
         max_model_len=prompt_len + new_tokens + 16,
         max_num_seqs=max(batches),
-        max_num_batched_tokens=8192,
-        gpu_memory_utilization=0.9,
+        **{"max_num_batched_tokens": 8192, **memory},
         enable_prefix_caching=False,
     )  # reruns of the same prompts must recompute
     RESULTS["plugin_startup_s"] = time.perf_counter() - start
@@ -304,9 +228,13 @@ def bench_plugin(path: str, batches: list[int], prompt_len: int, new_tokens: int
         (profile,) = llm.collective_rpc(step_profile.device_step_profile, args=(batches, context))
         RESULTS["step_profile"] = profile
         for batch in batches:
-            (ops,) = llm.collective_rpc(step_profile.op_profile, args=(batch, context))
+            hlo_dir = os.path.join(OUT, "step_hlo")
+            (ops,) = llm.collective_rpc(
+                step_profile.op_profile, args=(batch, context, 10, 15, hlo_dir)
+            )
             RESULTS[f"op_profile@{batch}"] = ops
-            print("op profile", batch, json.dumps(ops, indent=1), flush=True)
+            shown = {k: v for k, v in ops.items() if k != "named"}
+            print("op profile", batch, json.dumps(shown, indent=1), flush=True)
     except Exception as error:  # the throughput numbers stand without it
         RESULTS["step_profile"] = {"error": str(error)[:300]}
     print("step profile", RESULTS["step_profile"], flush=True)
@@ -314,42 +242,6 @@ def bench_plugin(path: str, batches: list[int], prompt_len: int, new_tokens: int
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
-
-
-def bench_hf(path: str, batches: list[int], prompt_len: int, new_tokens: int, vocab: int):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda()
-    model.generation_config.eos_token_id = None
-    for batch in batches:
-        ids = torch.tensor(prompts(batch, prompt_len, vocab), device="cuda")
-        mask = torch.ones_like(ids)
-
-        def run(n: int, ids: torch.Tensor = ids, mask: torch.Tensor = mask) -> float:
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            with torch.no_grad():
-                model.generate(
-                    ids,
-                    attention_mask=mask,
-                    max_new_tokens=n,
-                    min_new_tokens=n,
-                    do_sample=False,
-                    pad_token_id=0,
-                )
-            torch.cuda.synchronize()
-            return time.perf_counter() - start
-
-        run(2)
-        prefill_s, full_s = run(1), run(new_tokens)
-        RESULTS[f"hf@{batch}"] = {
-            "prefill_s": prefill_s,
-            "full_s": full_s,
-            "decode_tok_s": batch * (new_tokens - 1) / (full_s - prefill_s),
-        }
-        print("hf", batch, RESULTS[f"hf@{batch}"], flush=True)
-        save()
 
 
 def weight_bytes_per_step(config, weight_bytes: int) -> int:
@@ -380,7 +272,7 @@ def print_step_profile(config, weight_bytes: int, batches: list[int], context: f
     print("|---|---|---|---|---|---|---|")
     for batch in batches:
         row = profile.get(str(batch))
-        if row is None:
+        if row is None or f"plugin@{batch}" not in RESULTS:
             continue
         engine_ms = 1e3 * batch / RESULTS[f"plugin@{batch}"]["decode_tok_s"]
         roof_tok_s = roofline_tok_s(config, weight_bytes, batch, context, bw)
@@ -395,7 +287,7 @@ def print_step_profile(config, weight_bytes: int, batches: list[int], context: f
 
 
 def print_kernel_table() -> None:
-    rows = {k: v for k, v in RESULTS.items() if k.startswith("attn_")}
+    rows = {k: v for k, v in RESULTS.items() if k.startswith("attn_") and "@" in k}
     if not rows:
         return
     print("\n| attention kernel | context | ms | KV GB/s | of copy bandwidth | rel err |")
@@ -421,67 +313,257 @@ def print_kernel_table() -> None:
             )
         elif name == "stage":
             print(f"kernel stage at {context}: {row['seconds']:.0f} s (compiles included)")
+    table = RESULTS.get("attn_table")
+    if table:
+        print(f"measured tile table: {table['path']} (copy to kernels/ragged_paged_attention/)")
+
+
+STAGES = ("kernels", "hf", "hf_compiled", "plugin", "xla_dump")
+
+
+def child(args: list[str], env: dict | None = None) -> subprocess.Popen:
+    """A child process of this suite (own CUDA context: its memory is freed when it ends)."""
+    return subprocess.Popen([sys.executable, *args], env={**os.environ, **(env or {})})
+
+
+def wait(proc: subprocess.Popen, deadline: float, name: str) -> None:
+    try:
+        proc.wait(timeout=max(1.0, deadline - time.perf_counter()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        RESULTS.setdefault("skipped", {})[name] = "cut short by --budget-s"
+
+
+def read_child(name: str, prefix: tuple[str, ...]) -> None:
+    path = os.path.join(OUT, name)
+    if os.path.isfile(path):
+        with open(path) as f:
+            RESULTS.update({k: v for k, v in json.load(f).items() if k.startswith(prefix)})
+
+
+def hf_only(args: argparse.Namespace, batches: list[int], prompt_len: int, new_tokens: int):
+    """The ``--hf-only`` child: both HF peers, results in ``$OUT/hf_peers.json``."""
+    import hf_peers
+
+    config = llama_config(args.smoke)
+    path = checkpoint_path(args.smoke)
+    results: dict = {}
+
+    def save_peers() -> None:
+        with open(os.path.join(OUT, "hf_peers.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+    def ids(batch: int) -> list:
+        return prompts(batch, prompt_len, config.vocab_size)
+
+    # The compiled peer first: the targets compare against it, and a cut-short run keeps it.
+    if "hf_compiled" in args.stages:
+        # The static cache's per-step work does not depend on the position (the attention
+        # reads the whole cache, masked): fewer timed tokens give the same per-step time.
+        hf_peers.bench_hf_compiled(
+            path, batches, ids, prompt_len, new_tokens, results, save_peers,
+            timed_tokens=min(new_tokens, 64), device=DEVICE,
+        )  # fmt: skip
+        save_peers()
+        gc.collect()
+    if "hf" in args.stages:
+        hf_peers.bench_hf(path, batches, ids, new_tokens, results, save_peers, device=DEVICE)
+        save_peers()
+
+
+def checkpoint_path(smoke: bool) -> str:
+    return "/tmp/llama-smoke" if smoke else "/tmp/llama-3-8b-random"
+
+
+def print_throughput(config, weight_bytes: int, batches: list[int], context: float, bw: float):
+    print(
+        "| batch | plugin decode tok/s | % of roofline | HF tok/s | plugin / HF | "
+        "HF static+compiled tok/s (% of roofline) | plugin / HF compiled | HF CUDA graphs |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for batch in batches:
+        ours = RESULTS.get(f"plugin@{batch}", {}).get("decode_tok_s")
+        roof = roofline_tok_s(config, weight_bytes, batch, context, bw)
+        hf = RESULTS.get(f"hf@{batch}", {}).get("decode_tok_s")
+        peer = RESULTS.get(f"hf_compiled@{batch}", {})
+        compiled = peer.get("decode_tok_s")
+        cols = [f"{ours:.1f}" if ours else "-", f"{100 * ours / roof:.0f}%" if ours else "-"]
+        cols += [f"{hf:.1f}" if hf else "-", f"{ours / hf:.2f}x" if hf and ours else "-"]
+        cols += [f"{compiled:.1f} ({100 * compiled / roof:.0f}%)" if compiled else "-"]
+        cols += [f"{ours / compiled:.2f}x" if compiled and ours else "-"]
+        skips = peer.get("cudagraph_skips")
+        graphs = "-" if skips is None else ("used" if not skips else f"skipped ({skips})")
+        print(f"| {batch} | " + " | ".join(cols + [graphs]) + " |")
+    for batch in batches:
+        for message in RESULTS.get(f"hf_compiled@{batch}", {}).get("cudagraph_messages", [])[:3]:
+            print(f"  HF compiled, batch {batch}: {message}")
+
+
+def print_dump_summary() -> None:
+    """The ``xla_dump`` stage's kernel inventory (``decode_hlo.py``'s ``summary.md``)."""
+    path = os.path.join(OUT, "decode_hlo", "summary.md")
+    if "xla_dump" in RESULTS and os.path.isfile(path):
+        with open(path) as f:
+            print(f"\nXLA dump of one decode program ({RESULTS['xla_dump']['dir']}):\n{f.read()}")
+
+
+def print_named_kernels(batches: list[int]) -> None:
+    """Per batch: device ms per step by kernel role (the engine's program, step_profile)."""
+    for batch in batches:
+        named = RESULTS.get(f"op_profile@{batch}", {}).get("named")
+        if not named:
+            continue
+        roles = named["ms_per_step_by_role"]
+        counts = named["summary"]["roles"]
+        print(
+            f"\nbatch {batch}: {named['summary']['kernels']} kernels in the program "
+            f"({named['summary']['per_layer']} per layer); ms per step by role:"
+        )
+        print("| role | kernels | ms/step |")
+        print("|---|---|---|")
+        for role, ms in roles.items():
+            print(f"| {role} | {counts.get(role, '-')} | {ms:.3f} |")
+        unmatched = sum(named.get("unmatched_ms_per_step", {}).values())
+        if unmatched:
+            print(f"| (kernels the trace names by their own name) | - | {unmatched:.3f} |")
+
+
+def side_chain(
+    args: argparse.Namespace, kernels: list[str], peers: list[str], ready: threading.Event
+) -> threading.Thread:
+    """``--peers-gpu N``: the kernel stage, then (once the checkpoint is ``ready``) the HF
+    peers, one after the other on GPU N, beside this process's work on GPU 0."""
+    env = {"CUDA_VISIBLE_DEVICES": str(args.peers_gpu)}
+    deadline = args.deadline
+
+    def run() -> None:
+        if kernels:
+            wait(child(kernels, env), deadline, "kernels")
+        if peers:
+            ready.wait(max(1.0, deadline - time.perf_counter()))
+            wait(child(peers, env), deadline, "hf")
+
+    thread = threading.Thread(target=run, name="gpu-suite-side", daemon=True)
+    thread.start()
+    return thread
+
+
+def xla_dump(args: argparse.Namespace, smoke: list[str]) -> None:
+    """The ``xla_dump`` stage (module doc), skipped when too little of ``--budget-s`` is left."""
+    left = args.deadline - time.perf_counter()
+    if left < (30 if args.smoke else 100):
+        RESULTS.setdefault("skipped", {})["xla_dump"] = f"{left:.0f} s left of --budget-s"
+        return
+    batches = args.dump_batches or [args.batches[len(args.batches) // 2]]
+    dump_args = [os.path.join(os.path.dirname(__file__), "decode_hlo.py"), *smoke]
+    wait(child([*dump_args, "--batches", *map(str, batches)]), args.deadline, "xla_dump")
+    RESULTS["xla_dump"] = {"dir": os.path.join(OUT, "xla_dump"), "batches": batches}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--cpu-dry-run", action="store_true", help="--smoke on CPU (doc)")
+    parser.add_argument("--batches", type=int, nargs="+", default=None)
+    parser.add_argument("--dump-batches", type=int, nargs="+", default=None)
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--skip-hf", action="store_true", help="no HF peer (either)")
+    parser.add_argument("--skip-kernels", action="store_true", help="no attention stage")
+    parser.add_argument("--peers-gpu", type=int, default=None, help="run the HF peers there")
+    parser.add_argument("--budget-s", type=float, default=585.0)
+    parser.add_argument("--kernels-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.cpu_dry_run:
+        global DEVICE
+        DEVICE, args.smoke = "cpu", True
+        os.environ["TPU_PLUGIN_DEVICE"] = "cpu"
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        os.environ.setdefault("TPU_PLUGIN_PRECOMPILE", "0")  # start-up compiles are not tested
+    if args.peers_gpu is not None:
+        # This process and its other children (the engine, the XLA dump) see only their GPU:
+        # JAX would otherwise preallocate most of the peers' GPU too (set before CUDA starts).
+        os.environ["CUDA_VISIBLE_DEVICES"] = "1" if args.peers_gpu == 0 else "0"
+    if args.skip_hf:
+        args.stages = [s for s in args.stages if s not in ("hf", "hf_compiled")]
+    if args.skip_kernels:
+        args.stages = [s for s in args.stages if s != "kernels"]
+    args.batches = args.batches or ([1, 4] if args.smoke else [1, 32, 128])
+    return args
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--batches", type=int, nargs="+", default=None)
-    parser.add_argument("--skip-hf", action="store_true")
-    parser.add_argument("--kernels-only", action="store_true", help="only the attention stage")
-    parser.add_argument("--skip-kernels", action="store_true", help="no attention stage")
-    args = parser.parse_args()
-    batches = args.batches or ([1, 4] if args.smoke else [1, 32, 128])
+    args = parse_args()
+    batches = args.batches
     prompt_len, new_tokens = (64, 32) if args.smoke else (512, 256)
+    start = time.perf_counter()
+    args.deadline = start + args.budget_s
 
+    if args.hf_only:
+        hf_only(args, batches, prompt_len, new_tokens)
+        return
     bw = copy_bandwidth()
     RESULTS["copy_bw_bytes_s"] = bw
     if args.kernels_only:
+        import attention_sweep
+
         os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-        bench_attention_kernels([512] if args.smoke else [2048, 8192], bw)
+        results: dict = {"copy_bw_bytes_s": bw}
+        attention_sweep.sweep([512] if args.smoke else [2048, 8192], bw, results, smoke=args.smoke)
+        with open(os.path.join(OUT, "attention_sweep.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        RESULTS.update(results)
         print_kernel_table()
         return
-    if not args.skip_kernels:
-        # Own process: JAX in this one would hold GPU memory the engine needs.
-        subprocess.run(
-            [sys.executable, __file__, "--kernels-only"] + (["--smoke"] if args.smoke else []),
-            check=False,
-        )
-        with open(os.path.join(OUT, "gpu_suite.json")) as f:
-            RESULTS.update({k: v for k, v in json.load(f).items() if k.startswith("attn_")})
+    smoke = ["--cpu-dry-run"] if args.cpu_dry_run else ["--smoke"] if args.smoke else []
+    kernels = [__file__, "--kernels-only", *smoke] if "kernels" in args.stages else []
+    peers = [s for s in args.stages if s in ("hf", "hf_compiled")]
+    batch_args = ["--batches", *map(str, batches)]
+    peer_args = [__file__, "--hf-only", *smoke, *batch_args, "--stages", *peers] if peers else []
+    ready, side = threading.Event(), None
+    if args.peers_gpu is not None:  # kernels, then the peers, on another GPU (side_chain)
+        side = side_chain(args, kernels, peer_args, ready)
+        RESULTS["peers_gpu"] = args.peers_gpu
+    elif kernels:
+        wait(child(kernels), args.deadline, "kernels")
+        read_child("attention_sweep.json", ("attn_",))
     config = llama_config(args.smoke)
-    path = "/tmp/llama-smoke" if args.smoke else "/tmp/llama-3-8b-random"
-    start = time.perf_counter()
+    path = checkpoint_path(args.smoke)
+    t0 = time.perf_counter()
     weight_bytes = write_checkpoint(path, config)
-    RESULTS.update(weight_bytes=weight_bytes, checkpoint_s=time.perf_counter() - start)
+    RESULTS.update(weight_bytes=weight_bytes, checkpoint_s=time.perf_counter() - t0)
+    ready.set()
     save()
-    # HF first: the plugin's start-up is the long stage, and a run cut short must still hold
-    # the same-run reference.
-    if not args.skip_hf:
-        bench_hf(path, batches, prompt_len, new_tokens, config.vocab_size)
-        gc.collect()
-        import torch
-
-        torch.cuda.empty_cache()
-    bench_plugin(path, batches, prompt_len, new_tokens, config.vocab_size)
+    if peer_args and side is None:  # before the plugin (its start-up is the long stage)
+        plugin_reserve = 0 if "plugin" not in args.stages else 60 if args.smoke else 330
+        wait(child(peer_args), args.deadline - plugin_reserve, "hf")
+        read_child("hf_peers.json", ("hf",))
+    if "plugin" in args.stages:
+        bench_plugin(path, batches, prompt_len, new_tokens, config.vocab_size)
+    save()
+    if "xla_dump" in args.stages:
+        xla_dump(args, ["--smoke"] if args.smoke else [])
+    if side is not None:
+        side.join(max(1.0, args.deadline - time.perf_counter()) + 5)
+        read_child("attention_sweep.json", ("attn_",))
+        read_child("hf_peers.json", ("hf",))
 
     context = prompt_len + new_tokens / 2
+    started = RESULTS.get("plugin_startup_s")
     print(
         f"\ncopy bandwidth {bw / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB "
         f"({weight_bytes_per_step(config, weight_bytes) / 1e9:.2f} GB read per step); "
-        f"plugin start-up {RESULTS['plugin_startup_s']:.0f} s; prompts {prompt_len}, "
-        f"{new_tokens} new tokens"
+        f"plugin start-up {started or 0:.0f} s; prompts {prompt_len}, {new_tokens} new tokens; "
+        f"suite {time.perf_counter() - start:.0f} s"
     )
-    print("| batch | plugin decode tok/s | % of roofline | HF decode tok/s | plugin / HF |")
-    print("|---|---|---|---|---|")
-    for batch in batches:
-        ours = RESULTS[f"plugin@{batch}"]["decode_tok_s"]
-        roof = roofline_tok_s(config, weight_bytes, batch, context, bw)
-        hf = RESULTS.get(f"hf@{batch}", {}).get("decode_tok_s")
-        hf_cols = f"{hf:.1f} | {ours / hf:.2f}x" if hf else "- | -"
-        print(f"| {batch} | {ours:.1f} | {100 * ours / roof:.0f}% | {hf_cols} |")
-    print_step_profile(config, weight_bytes, batches, context, bw)
+    print_dump_summary()
+    print_named_kernels(batches)
     print_kernel_table()
+    print_step_profile(config, weight_bytes, batches, context, bw)
+    print_throughput(config, weight_bytes, batches, context, bw)
+    if RESULTS.get("skipped"):
+        print("skipped:", RESULTS["skipped"])
     save()
 
 

@@ -20,7 +20,11 @@ processing) time the device spent idle.
 
 ``op_profile`` then traces a few forward steps with JAX's profiler and sums the device's kernel
 events by name (``jax.profiler.ProfileData``, no TensorBoard needed): kernel time per step,
-idle time between kernels, and the kernels that take the most time.
+idle time between kernels, and the kernels that take the most time. It also reads the very
+program's optimized HLO (``Compiled.as_text()``, what ``--xla_dump_to`` writes as
+``after_optimizations``) and joins it with the trace (``tpu_plugin.tools.hlo_inventory``):
+every kernel of the step named by its role and the plugin functions its ops come from
+(``named``), the text written to ``<out_dir>/decode_b<batch>.hlo.txt``.
 """
 
 from __future__ import annotations
@@ -135,18 +139,40 @@ def _device_kernel_events(path: str) -> list[tuple[str, float, float]]:
     return events
 
 
-def op_profile(worker: Any, batch: int, context: int, steps: int = 10, top: int = 15) -> dict:
-    """Kernel time by name for ``steps`` forward passes of a ``batch`` decode step."""
+def _program_text(runner: Any, compiled: Any, step: Any) -> str | None:
+    """The optimized HLO of the program that runs ``step`` (compiled here if it was not)."""
+    try:
+        if compiled is None:
+            compiled = runner._forward.lower(runner.params, runner.kv_caches, step).compile()
+        return compiled.as_text()
+    except Exception:  # a deserialized executable may carry no text
+        return None
+
+
+def op_profile(
+    worker: Any,
+    batch: int,
+    context: int,
+    steps: int = 10,
+    top: int = 15,
+    out_dir: str | None = None,
+) -> dict:
+    """Kernel time by name for ``steps`` forward passes of a ``batch`` decode step, and every
+    kernel of the program named (module doc)."""
     import glob
+    import os
     import tempfile
 
     import jax
 
     from tpu_plugin.runner.compile import step_key
+    from tpu_plugin.tools import hlo_inventory
 
     runner = worker.model_runner
     step = _decode_step(runner, batch, context)
-    forward = runner._compiled.get(step_key(step)) or runner._forward
+    compiled = runner._compiled.get(step_key(step))
+    forward = compiled or runner._forward
+    text = _program_text(runner, compiled, step)
     kv = runner.kv_caches
     kv, logits = forward(runner.params, kv, step)
     jax.block_until_ready(logits)
@@ -159,9 +185,20 @@ def op_profile(worker: Any, batch: int, context: int, steps: int = 10, top: int 
     files = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
     if not files:
         return {"error": "the profiler wrote no trace"}
+    named = None
+    if text is not None:
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, f"decode_b{batch}.hlo.txt"), "w") as f:
+                f.write(text)
+        kernels = hlo_inventory.inventory(text)
+        named = {
+            "summary": hlo_inventory.summary(kernels, runner.num_layers),
+            **hlo_inventory.join_trace(kernels, hlo_inventory.trace_events(files[0]), steps),
+        }
     events = _device_kernel_events(files[0])
-    if not events:
-        return {"error": "no device kernel events (CUPTI unavailable?)"}
+    if not events:  # JAX CPU (the suite's dry run): the host runtime's kernels are named
+        return {"error": "no device kernel events (CUPTI unavailable, or CPU)", "named": named}
     by_name: dict[str, list[float]] = {}
     for name, _, duration in events:
         by_name.setdefault(name, []).append(duration)
@@ -170,6 +207,7 @@ def op_profile(worker: Any, batch: int, context: int, steps: int = 10, top: int 
     busy_ns = sum(duration for _, _, duration in events)
     ranked = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:top]
     return {
+        "named": named,
         "batch": batch,
         "kernels_per_step": len(events) / steps,
         "kernel_ms_per_step": busy_ns / steps / 1e6,

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh --no-run
 set +e
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest --durations=40 "$@"
 status=$?
 set -e
 if [ "$status" = 5 ]; then

@@ -55,6 +55,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from . import tuning
 from .validation import check_arguments
 
 # Rows (block_q x padded group) and keys of one tile that the defaults aim for. Decode-shaped
@@ -111,24 +112,42 @@ def default_num_kv_splits(
     num_kv_heads: int,
     block_q: int,
     kv_blocks_per_seq: int,
+    target_programs: int = TARGET_PROGRAMS,
 ) -> int:
     """Splits of each query block's KV range used when the caller gives none (a power of two).
 
     From static shapes only: at most ``min(num_tokens, query-block bound)`` query blocks have
     tokens, so a decode-shaped call (few tokens) gets few programs and is split until about
-    ``TARGET_PROGRAMS`` programs exist, while a prefill-heavy call (many query blocks) keeps one
-    split. Splits never go below ``MIN_KV_BLOCKS_PER_SPLIT`` KV blocks of the page table.
+    ``target_programs`` programs exist (the measured table's, else ``TARGET_PROGRAMS``), while
+    a prefill-heavy call (many query blocks) keeps one split. Splits never go below
+    ``MIN_KV_BLOCKS_PER_SPLIT`` KV blocks of the page table.
     """
     blocks = min(num_tokens, -(-num_tokens // block_q) + max_num_seqs)
     programs = max(1, blocks * num_kv_heads)
     splits = 1
     while (
         splits * 2 <= MAX_KV_SPLITS
-        and programs * splits * 2 <= TARGET_PROGRAMS
+        and programs * splits * 2 <= target_programs
         and kv_blocks_per_seq >= splits * 2 * MIN_KV_BLOCKS_PER_SPLIT
     ):
         splits *= 2
     return splits
+
+
+def measured_tiles(
+    head_dim: int, group: int, page_size: int, dtype: jnp.dtype, decode: bool, context: int
+) -> tuning.GpuTiles | None:
+    """The measured table's tiles for this process's device and the shape (None: defaults;
+    the table holds GPUs only, so interpret mode elsewhere runs the defaults)."""
+    return tuning.gpu_tiles(
+        jax.devices()[0].device_kind,
+        head_dim=head_dim,
+        group=group,
+        page_size=page_size,
+        dtype=dtype,
+        decode=decode,
+        context=context,
+    )
 
 
 def query_blocks(
@@ -308,8 +327,8 @@ def ragged_paged_attention(
     block_q: int | None = None,
     num_kv_pages_per_block: int | None = None,
     num_kv_splits: int | None = None,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Ragged paged attention on GPU; arguments and result as ``reference.ragged_paged_attention``.
@@ -319,7 +338,11 @@ def ragged_paged_attention(
     - ``num_kv_pages_per_block``: pages per KV step (a power of two). Default: 64 keys.
     - ``num_kv_splits``: programs sharing each query block's KV range (split-KV), merged after
       the call; 1 is the plain kernel. Default: :func:`default_num_kv_splits`.
-    - ``num_warps``, ``num_stages``: Triton compiler parameters.
+    - ``num_warps``, ``num_stages``: Triton compiler parameters (default 4 and 2).
+
+    What the caller leaves as None comes from the measured table of this GPU and shape
+    (:func:`tuning.gpu_tiles`, ``gpu_tuning_table.py``: the entry nearest the page table's
+    length), and from the defaults above where the table has no entry.
     - ``interpret``: run the kernel in Pallas interpret mode (any backend, CPU included).
 
     fp32 inputs use full-precision dots (no TF32), so results match the reference to ~1e-6.
@@ -339,9 +362,16 @@ def ragged_paged_attention(
     num_pages, page_size, num_kv_heads, _ = k_pages.shape
     max_num_seqs, pages_per_seq = page_indices.shape
     group_pad = _next_power_of_2(group)
-    default_q, default_pages = default_block_sizes(
-        group, page_size, decode=num_tokens <= max_num_seqs
-    )
+    decode = num_tokens <= max_num_seqs
+    default_q, default_pages = default_block_sizes(group, page_size, decode=decode)
+    context = pages_per_seq * page_size
+    tiles = measured_tiles(head_dim, group, page_size, queries.dtype, decode, context)
+    if tiles is not None:
+        default_q = max(1, tiles.tile_rows // group_pad)
+        default_pages = tiles.kv_pages_per_block
+        num_warps = num_warps or tiles.num_warps
+        num_stages = num_stages or tiles.num_stages
+    num_warps, num_stages = num_warps or 4, num_stages or 2
     block_q = block_q or default_q
     pages_per_block = num_kv_pages_per_block or default_pages
     for name, value in [
@@ -367,6 +397,7 @@ def ragged_paged_attention(
             num_kv_heads=num_kv_heads,
             block_q=block_q,
             kv_blocks_per_seq=kv_blocks_per_seq,
+            target_programs=tiles.target_programs if tiles is not None else TARGET_PROGRAMS,
         )
     if num_kv_splits < 1:
         raise ValueError(f"num_kv_splits must be at least 1, got {num_kv_splits}")

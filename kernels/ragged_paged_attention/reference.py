@@ -67,6 +67,16 @@ def token_layout(
     return seq_of_token, position, is_real
 
 
+def in_blocks(x: jax.Array, block: int, fill: int | bool = 0) -> jax.Array:
+    """``x`` (``[tokens, ...]``) padded with ``fill`` to whole blocks: ``[blocks, block, ...]``.
+
+    Shared by every jnp implementation that walks the packed tokens block by block.
+    """
+    pad = -x.shape[0] % block
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+    return x.reshape(-1, block, *x.shape[1:])
+
+
 def ragged_paged_attention(
     queries: jax.Array,
     k_pages: jax.Array,
@@ -108,16 +118,11 @@ def ragged_paged_attention(
 
     block = min(token_block, num_tokens)
     padded_tokens = -(-num_tokens // block) * block
-    pad = padded_tokens - num_tokens
-
-    def pad_tokens(x: jax.Array, value: int | bool = 0) -> jax.Array:
-        return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=value)
-
     blocked = (
-        pad_tokens(queries).reshape(padded_tokens // block, block, num_kv_heads, group, head_dim),
-        pad_tokens(seq_of_token).reshape(-1, block),
-        pad_tokens(position).reshape(-1, block),
-        pad_tokens(is_real, False).reshape(-1, block),
+        in_blocks(queries.reshape(num_tokens, num_kv_heads, group, head_dim), block),
+        in_blocks(seq_of_token, block),
+        in_blocks(position, block),
+        in_blocks(is_real, block, False),
     )
     key_position = jnp.arange(kv_width, dtype=jnp.int32)
 

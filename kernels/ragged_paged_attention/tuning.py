@@ -255,3 +255,56 @@ def check_smem(max_num_seqs: int, pages_per_seq: int) -> None:
             f"{table_bytes // 1024} KiB of SMEM, over {SMEM_BYTES // 2048} KiB; lower "
             "max_num_seqs or max_model_len, or raise the page (block) size."
         )
+
+
+# ---- the Pallas GPU kernel: tiles from a measured table (gpu_tuning_table.py) ------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuTiles:
+    """One measured tile choice of the GPU kernel (see ``gpu_tuning_table.py``)."""
+
+    tile_rows: int  # block_q x the query group padded to a power of two
+    kv_pages_per_block: int
+    target_programs: int  # split-KV aims for about this many programs
+    num_warps: int
+    num_stages: int
+
+
+def _shape_matches(entry: dict, head_dim: int, group: int, page_size: int, dtype: str) -> bool:
+    shape = entry["shape"]
+    return (
+        shape["head_dim"] == head_dim
+        and shape["group"] == group
+        and shape["page_size"] == page_size
+        and shape["dtype"] == dtype
+    )
+
+
+def gpu_tiles(
+    device_kind: str,
+    *,
+    head_dim: int,
+    group: int,
+    page_size: int,
+    dtype: np.dtype | str,
+    decode: bool,
+    context: int,
+    table: list[dict] | None = None,
+) -> GpuTiles | None:
+    """The measured tiles for this GPU and shape, from the entry whose context is nearest
+    (in log scale) to ``context``; None when the table has none (the kernel's defaults)."""
+    from .gpu_tuning_table import TABLE
+
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    rows = [
+        e
+        for e in (TABLE if table is None else table)
+        if e["device"].strip().lower() == device_kind.strip().lower()
+        and e["decode"] == decode
+        and _shape_matches(e, head_dim, group, page_size, name)
+    ]
+    if not rows:
+        return None
+    best = min(rows, key=lambda e: abs(math.log2(max(1, context)) - math.log2(e["context"])))
+    return GpuTiles(**best["tiles"])

@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .reference import token_layout
+from .reference import in_blocks, token_layout
 from .validation import check_arguments
 
 DEFAULT_TOKEN_BLOCK = 16
@@ -67,17 +67,13 @@ def ragged_paged_attention(
     shared_branch = num_tokens > page_indices.shape[0]
     block = min(token_block, num_tokens) if shared_branch else num_tokens
     padded_tokens = -(-num_tokens // block) * block
-    pad = padded_tokens - num_tokens
-
-    def pad_tokens(x: jax.Array, value: int | bool = 0) -> jax.Array:
-        return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=value)
 
     # Everything below that depends on the metadata only is the same in every layer, and
     # XLA merges it across layers (CSE): only the loop itself is compiled once per layer,
     # which keeps a 30-layer step program cheap to compile.
-    seq = pad_tokens(seq_of_token).reshape(-1, block)
-    pos = pad_tokens(position).reshape(-1, block)
-    real = pad_tokens(is_real, False).reshape(-1, block)
+    seq = in_blocks(seq_of_token, block)
+    pos = in_blocks(position, block)
+    real = in_blocks(is_real, block, False)
     last = jnp.max(jnp.where(real, pos, -1), axis=1)
     end_chunk = (last + chunk) // chunk  # chunks covering keys 0..last; 0 if no real token
     start_chunk = jnp.zeros_like(end_chunk)
@@ -86,7 +82,7 @@ def ragged_paged_attention(
         start_chunk = jnp.clip(first - sliding_window + 1, 0, None) // chunk
     one_sequence = jnp.all(jnp.where(real, seq == seq[:, :1], True), axis=1)
     blocked = (
-        pad_tokens(queries).reshape(padded_tokens // block, block, num_kv_heads, group, head_dim),
+        in_blocks(queries.reshape(num_tokens, num_kv_heads, group, head_dim), block),
         seq,
         pos,
         real,

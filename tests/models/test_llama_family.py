@@ -20,7 +20,7 @@ from tests.conftest import (
     max_rel_error,
     random_prompts,
 )
-from tpu_kernels.ragged_paged_attention import reference
+from tpu_kernels.ragged_paged_attention import xla
 
 CONFIGS = {
     "llama": lambda: LlamaConfig(**SMALL, tie_word_embeddings=False, rope_theta=10000.0),
@@ -70,8 +70,8 @@ def test_greedy_ragged_batch_matches_hf(tmp_path, make_llm, name):
     assert greedy_tokens(llm, prompts, 32) == expected
 
 
-def test_reference_attention_is_what_the_model_uses():
-    """Guards the CPU default: without an override the layer runs the jnp reference."""
+def test_cpu_attention_is_what_the_model_uses():
+    """Guards the CPU default: without an override the layer runs the jnp ``xla`` kernel."""
     from tpu_plugin.layers.attention import attention_kernel
 
-    assert attention_kernel() is reference.ragged_paged_attention
+    assert attention_kernel() is xla.ragged_paged_attention

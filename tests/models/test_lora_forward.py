@@ -113,31 +113,90 @@ def test_steps_without_adapters_are_the_base_program(tmp_path):
 
 
 def test_adapter_slots_shard_like_their_weights():
-    """TP = 2: B splits where a column-split weight splits its outputs (q/k/v/gate/up), A
-    where a row-split weight splits its inputs (o/down); the other factor is replicated."""
+    """TP = 2: B splits where a weight splits its outputs (the fused q/k/v on its KV groups,
+    the fused gate/up on its rows: each device adds the update of exactly the rows it
+    computes), A where a row-split weight splits its inputs (o/down); the other factor is
+    replicated. With fewer KV heads than devices q/k/v is split on its input: A is too."""
     from jax.sharding import PartitionSpec as P
 
     from tpu_plugin.models.registry import resolve_model_class
     from tpu_plugin.parallel import ShardingPlan
     from tpu_plugin.parallel.mesh import layout_from
 
-    cfg = LlamaConfig(**SMALL)
-    cfg.architectures = ["LlamaForCausalLM"]
-    model_class = resolve_model_class(cfg.architectures)
+    def specs_for(tp: int, **overrides):
+        cfg = LlamaConfig(**{**SMALL, **overrides})
+        cfg.architectures = ["LlamaForCausalLM"]
+        model_class = resolve_model_class(cfg.architectures)
 
-    def build():
-        model = model_class(cfg, jnp.float32)
-        attach_slots(model, 3, MAX_RANK, jnp.float32)
-        return model
+        def build():
+            model = model_class(cfg, jnp.float32)
+            attach_slots(model, 3, MAX_RANK, jnp.float32)
+            return model
 
-    state = nnx.state(nnx.eval_shape(build))
-    specs = ShardingPlan(mesh=None, layout=layout_from(cfg, 2, False)).describe(state)
+        state = nnx.state(nnx.eval_shape(build))
+        return ShardingPlan(mesh=None, layout=layout_from(cfg, tp, False)).describe(state)
+
+    specs = specs_for(2)
     layer = "model.layers.1"
-    for proj in ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.up_proj"):
-        assert specs[f"{layer}.{proj}.weight"] == P("model", None)
+    for proj in ("self_attn.qkv_proj", "mlp.gate_up_proj"):
+        assert specs[f"{layer}.{proj}.weight"] == P("model", None, None), proj
         assert specs[f"{layer}.{proj}.lora.a"] == P(None, None, None), proj
-        assert specs[f"{layer}.{proj}.lora.b"] == P("model", None, None), proj
+        assert specs[f"{layer}.{proj}.lora.b"] == P("model", None, None, None), proj
     for proj in ("self_attn.o_proj", "mlp.down_proj"):
         assert specs[f"{layer}.{proj}.weight"] == P(None, "model")
         assert specs[f"{layer}.{proj}.lora.a"] == P(None, None, "model"), proj
         assert specs[f"{layer}.{proj}.lora.b"] == P(None, None, None), proj
+
+    replicated_kv = specs_for(4, num_key_value_heads=2)  # 2 KV heads over 4 devices
+    qkv = f"{layer}.self_attn.qkv_proj"
+    assert replicated_kv[f"{qkv}.weight"] == P(None, None, "model")
+    assert replicated_kv[f"{qkv}.lora.a"] == P(None, None, "model")
+    assert replicated_kv[f"{qkv}.lora.b"] == P(None, None, None, None)
+
+
+def test_mixed_adapter_batch_under_tensor_parallelism(tmp_path):
+    """The mixed batch on 4 forced CPU devices (a fresh process, ``tests.models.lora_tp_check``)
+    with parameters and adapter slots sharded as the runner shards them: TP = 2 splits the
+    fused q/k/v on its KV groups and gate/up on its rows (B with them), TP = 4 has fewer KV
+    heads than devices (q/k/v and its A split on the input); the logits equal TP = 1's."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    dims = SMALL | dict(num_attention_heads=8)  # 2 KV heads: split at TP = 2, not at 4
+    base = make_random_checkpoint(tmp_path / "llama", LlamaConfig(**dims), norm_noise=0.2)
+    adapters = make_adapters(tmp_path, base)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env["TPU_PLUGIN_DEVICE"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.models.lora_tp_check", str(base)]
+        + [str(a) for a in adapters]
+        + [json.dumps({"tp": [1, 2, 4]})],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    results = json.loads(lines[-1][len("RESULT ") :])
+    reference = np.asarray(results["tp1"]["logits"])
+    qkv_b = "model.layers.1.self_attn.qkv_proj.lora.b"
+    gate_up_b = "model.layers.1.mlp.gate_up_proj.lora.b"
+    qkv_a = "model.layers.1.self_attn.qkv_proj.lora.a"
+    full = results["tp1"]["shards"]
+    for tp in (2, 4):
+        run = results[f"tp{tp}"]
+        assert run["devices"] == 4
+        rel = max(
+            max_rel_error(got, want) for got, want in zip(run["logits"], reference, strict=True)
+        )
+        print(f"TP = {tp}: logits rel. error vs TP = 1 {rel:.2e}")
+        assert rel <= 1e-4, f"TP = {tp}: rel. error {rel:.2e}"
+        assert run["shards"][gate_up_b][0] == full[gate_up_b][0] // tp
+    assert results["tp2"]["shards"][qkv_b][0] == full[qkv_b][0] // 2  # whole KV groups
+    assert results["tp4"]["shards"][qkv_b] == full[qkv_b]  # KV replicated: B too ...
+    assert results["tp4"]["shards"][qkv_a][-1] == full[qkv_a][-1] // 4  # ... A on the input

@@ -65,7 +65,7 @@ def test_llm_tp2_matches_hf(tmp_path, make_llm, eight_cpu_devices):
     got = greedy_tokens(llm, prompts, MAX_TOKENS)
     (layout,) = llm.collective_rpc(layout_probe())
     assert layout["mesh"] == {"data": 1, "model": 2}
-    assert layout["shards"]["model.layers.0.self_attn.q_proj.weight"] == [32, 64]
+    assert layout["shards"]["model.layers.0.self_attn.qkv_proj.weight"] == [1, 48, 64]
     assert layout["shards"]["model.layers.1.mlp.down_proj.weight"] == [64, 64]
     assert layout["kv"] == "P(None, None, 'model')"
     assert got == hf_greedy(model_dir, prompts, MAX_TOKENS)
@@ -119,7 +119,7 @@ def test_ray_two_workers_tp2_matches_hf(tmp_path, make_llm, monkeypatch):
     for layout in layouts:
         assert layout["processes"] == 2 and layout["mesh_processes"] == [0, 1]
         assert layout["mesh"] == {"data": 1, "model": 2}
-        assert layout["shards"]["model.layers.0.self_attn.q_proj.weight"] == [32, 64]
+        assert layout["shards"]["model.layers.0.self_attn.qkv_proj.weight"] == [1, 48, 64]
     assert got == hf_greedy(model_dir, prompts, MAX_TOKENS)
 
 

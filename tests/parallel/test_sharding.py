@@ -57,19 +57,21 @@ def test_llama_tp_1_2_4_8(tmp_path):
     layer = "model.layers.0."
     for tp in (2, 4, 8):
         shards = results[f"tp{tp}"]["shards"]
-        assert shards[layer + "self_attn.q_proj.weight"] == [64 // tp, 64]  # heads split
         assert shards[layer + "self_attn.o_proj.weight"] == [64, 64 // tp]
-        assert shards[layer + "mlp.gate_proj.weight"] == [128 // tp, 64]  # intermediate split
-        assert shards[layer + "mlp.up_proj.weight"] == [128 // tp, 64]
+        # [gate; up] stacked: every device holds the same 128 / tp rows of both
+        assert shards[layer + "mlp.gate_up_proj.weight"] == [128 // tp, 2, 64]
         assert shards[layer + "mlp.down_proj.weight"] == [64, 128 // tp]
         assert shards["model.embed_tokens.weight"] == [512 // tp, 64]
         assert shards["lm_head.weight"] == [512 // tp, 64]  # vocabulary split
         assert shards[layer + "input_layernorm.weight"] == [64]  # norms replicated
-    # 2 KV heads: split over 2 devices (pages too), replicated over 4 and 8.
-    assert results["tp2"]["shards"][layer + "self_attn.k_proj.weight"] == [8, 64]
+    # qkv_proj [kv_heads=2, (4 q + 1 k + 1 v heads) x 8, 64]. 2 KV heads: one whole group
+    # (4 query heads with their K and V head) per device at TP = 2, pages split too; at 4 and 8
+    # the pages are replicated and the weight is split on its input axis instead.
+    assert results["tp2"]["shards"][layer + "self_attn.qkv_proj.weight"] == [1, 48, 64]
     assert results["tp2"]["kv_spec"] == "P(None, None, 'model')"
     for tp in (4, 8):
-        assert results[f"tp{tp}"]["shards"][layer + "self_attn.k_proj.weight"] == [16, 64]
+        shards = results[f"tp{tp}"]["shards"]
+        assert shards[layer + "self_attn.qkv_proj.weight"] == [2, 48, 64 // tp]
         assert results[f"tp{tp}"]["kv_spec"] == "P()"
 
 
@@ -90,13 +92,17 @@ def test_qwen3_moe_tp_and_ep(tmp_path, options):
         shards = results[f"tp{tp}"]["shards"]
         assert shards[experts + "gate_up_proj"] == [8, 64 // tp, 64]
         assert shards[experts + "down_proj"] == [8, 64, 32 // tp]
-        assert shards["model.layers.0.self_attn.q_proj.weight"] == [128 // tp, 64]
+        # 8 heads of 16 over 2 KV heads: [2, (4 + 2) x 16, 64]; whole groups at TP = 2, split
+        # on the input axis above (KV heads replicated)
+        qkv = [1, 96, 64] if tp == 2 else [2, 96, 64 // tp]
+        assert shards["model.layers.0.self_attn.qkv_proj.weight"] == qkv
         assert shards["model.layers.0.mlp.gate.weight"] == [8, 64]  # router replicated
     for ep in options.get("ep", []):  # whole experts per device
         shards = results[f"ep{ep}"]["shards"]
         assert shards[experts + "gate_up_proj"] == [8 // ep, 64, 64]
         assert shards[experts + "down_proj"] == [8 // ep, 64, 32]
-        assert shards["model.layers.0.self_attn.q_proj.weight"] == [128 // ep, 64]
+        qkv = [1, 96, 64] if ep == 2 else [2, 96, 64 // ep]
+        assert shards["model.layers.0.self_attn.qkv_proj.weight"] == qkv
 
 
 # ---- start-up errors name the numbers ------------------------------------------------------

@@ -29,8 +29,8 @@ from flax import nnx
 
 from tpu_kernels.ragged_paged_attention import reference, xla
 from tpu_plugin import envs
-from tpu_plugin.layers.linear import Linear
-from tpu_plugin.layers.norm import RMSNorm
+from tpu_plugin.layers.linear import FusedLinear, Linear, grouped_qkv
+from tpu_plugin.layers.norm import RMSNorm, rms_norm
 from tpu_plugin.layers.rope import RotaryEmbedding
 
 KVCache = tuple[jax.Array, jax.Array]  # (k_pages, v_pages): [num_pages, page_size, kv_heads, dim]
@@ -189,18 +189,21 @@ class AttentionSpec:
 
 
 class SelfAttention(nnx.Module):
-    """q/k/v projections, optional q/k norm, rope, paged attention, output projection.
+    """Fused q/k/v projection, optional q/k norm, rope, paged attention, output projection.
 
-    Parameter names follow Hugging Face (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``,
-    ``q_norm``, ``k_norm``), so checkpoints load by name.
+    ``qkv_proj`` is one matmul whose weight ``[kv_heads, (group + 2) * head_dim, hidden]``
+    the loader builds from the checkpoint's ``q_proj``/``k_proj``/``v_proj`` (or cuts from
+    Phi-3's fused ``qkv_proj``), grouped by KV head so that tensor parallelism splits it into
+    whole heads (:func:`tpu_plugin.layers.linear.grouped_qkv`); q/k norm and rope then run on
+    the query and key heads together (:meth:`_project`). The other parameter names follow
+    Hugging Face (``o_proj``, ``q_norm``, ``k_norm``).
     """
 
     def __init__(self, spec: AttentionSpec, dtype: jnp.dtype):
         self.spec = spec
-        q_dim, kv_dim = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        self.q_proj = Linear(spec.hidden_size, q_dim, dtype, bias=spec.qkv_bias)
-        self.k_proj = Linear(spec.hidden_size, kv_dim, dtype, bias=spec.qkv_bias)
-        self.v_proj = Linear(spec.hidden_size, kv_dim, dtype, bias=spec.qkv_bias)
+        fusion = grouped_qkv(spec.num_heads, spec.num_kv_heads, spec.head_dim)
+        self.qkv_proj = FusedLinear(spec.hidden_size, fusion, dtype, bias=spec.qkv_bias)
+        q_dim = spec.num_heads * spec.head_dim
         self.o_proj = Linear(q_dim, spec.hidden_size, dtype, bias=spec.o_bias)
         if spec.qk_norm_eps is not None:
             eps, offset = spec.qk_norm_eps, spec.qk_norm_offset
@@ -212,13 +215,8 @@ class SelfAttention(nnx.Module):
     def __call__(
         self, x: jax.Array, positions: jax.Array, kv_cache: KVCache, md: AttentionMetadata
     ) -> tuple[jax.Array, KVCache]:
-        spec, tokens = self.spec, x.shape[0]
-        q = self.q_proj(x).reshape(tokens, spec.num_heads, spec.head_dim)
-        k = self.k_proj(x).reshape(tokens, spec.num_kv_heads, spec.head_dim)
-        v = self.v_proj(x).reshape(tokens, spec.num_kv_heads, spec.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = spec.rope(q, positions), spec.rope(k, positions)
+        spec = self.spec
+        q, k, v = self._project(x, positions)
         out, kv_cache = paged_attention(
             q,
             k,
@@ -229,4 +227,29 @@ class SelfAttention(nnx.Module):
             sliding_window=spec.sliding_window,
             soft_cap=spec.soft_cap,
         )
-        return self.o_proj(out.reshape(tokens, -1)), kv_cache
+        return self.o_proj(out.reshape(x.shape[0], -1)), kv_cache
+
+    def _project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, ...]:
+        """``q [T, heads, D]``, ``k``, ``v [T, kv_heads, D]``: projected, normed, rotated.
+
+        The fused result is ``[T, kv_heads, (group + 2) * D]``, each group's query heads
+        followed by its key head and its value head, so the query and key heads of a group are
+        adjacent: their q/k norm and rotary embedding run on that one slice, ``[T, kv_heads,
+        group + 1, D]``, as one computation (one kernel instead of one per tensor), with each
+        group's own heads on the device that holds them under tensor parallelism.
+        """
+        spec, tokens = self.spec, x.shape[0]
+        kv_heads, dim = spec.num_kv_heads, spec.head_dim
+        group = spec.num_heads // kv_heads
+        y = self.qkv_proj(x)
+        qk = y[..., : (group + 1) * dim].reshape(tokens, kv_heads, group + 1, dim)
+        v = y[..., (group + 1) * dim :]
+        if self.q_norm is not None:
+            # q_norm's weight on the group's query heads, k_norm's on its key head
+            q_w, k_w = self.q_norm.weight[...], self.k_norm.weight[...]
+            weight = jnp.concatenate([jnp.broadcast_to(q_w, (group, dim)), k_w[None]])
+            qk = rms_norm(qk, weight, spec.qk_norm_eps, spec.qk_norm_offset)
+        qk = spec.rope(qk.reshape(tokens, kv_heads * (group + 1), dim), positions)
+        qk = qk.reshape(tokens, kv_heads, group + 1, dim)
+        q = qk[:, :, :group].reshape(tokens, spec.num_heads, dim)
+        return q, qk[:, :, group], v

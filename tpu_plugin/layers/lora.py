@@ -19,12 +19,17 @@ gather of per-token weights (``tokens x`` the weight bytes) or sorted segments (
 .ragged_dot`` expands into the same masked dense product on XLA's CPU and GPU backends;
 measured in ``benchmarks/NOTES_lora.md``).
 
-Fused projections (a ``Linear`` with a ``fusion`` attribute listing its parts, e.g.
-``qkv_proj``; none of the current ports fuses, the path is ready for those that will) get one
-update for all their parts: A stacks the parts' A matrices (``parts * rank`` rows), B is block
+Fused projections (a :class:`~tpu_plugin.layers.linear.FusedLinear`: ``self_attn.qkv_proj``
+``[kv_heads, (group + 2) * head_dim, in]`` grouped by KV head, ``mlp.gate_up_proj``
+``[I, 2, in]`` with row ``i`` of gate next to row ``i`` of up) get one update for all their
+parts, adapters still naming the parts (PEFT's ``q_proj``, ``k_proj``, ``v_proj``,
+``gate_proj``, ``up_proj``): A stacks the parts' A matrices (``parts * rank`` rows), B is block
 diagonal (part ``p``'s output rows read only its own ``rank`` columns) and is packed into the
-fused weight's own output layout with ``fusion.pack``, so the update is added to the fused
-output before it is split, whatever the layout, and B shards exactly like the weight.
+fused weight's own output layout with ``fusion.pack`` (``[*fusion.out_shape(), cols]``), so
+the update is added to the fused output before it is split, every part's rows in the place of
+that part's weight rows, and B shards exactly like the weight (axis 0: whole KV groups, the
+same gate/up rows per device). A fused projection whose parts are not all targets (MLA's
+``fused_qkv_a_proj``) is not adapted.
 Scaling (``lora_alpha / r``, rsLoRA's ``/ sqrt(r)``) is folded into B when a slot is written.
 
 The model never learns about vLLM: it sees arrays in its parameter tree and an index per token.

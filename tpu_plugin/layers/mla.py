@@ -40,10 +40,10 @@ import jax.numpy as jnp
 from flax import nnx
 from vllm.logger import init_logger
 
-from tpu_kernels.ragged_paged_attention.reference import token_layout
+from tpu_kernels.ragged_paged_attention.reference import in_blocks, token_layout
 from tpu_plugin import envs
 from tpu_plugin.layers.attention import AttentionMetadata
-from tpu_plugin.layers.linear import Linear
+from tpu_plugin.layers.linear import FusedLinear, Fusion, Linear
 from tpu_plugin.layers.norm import RMSNorm
 from tpu_plugin.layers.rope import RotaryEmbedding, rope_parameters
 
@@ -161,10 +161,6 @@ def mla_paged_attention(
     block = min(token_block, num_tokens)
     padded = -(-num_tokens // block) * block
 
-    def blocks(x: jax.Array, fill: int | bool = 0) -> jax.Array:
-        x = jnp.pad(x, [(0, padded - num_tokens)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
-        return x.reshape(padded // block, block, *x.shape[1:])
-
     key_position = jnp.arange(kv_width, dtype=jnp.int32)
 
     def attend(args: tuple[jax.Array, ...]) -> jax.Array:
@@ -184,7 +180,13 @@ def mla_paged_attention(
         return jnp.where(denom > 0, out / jnp.where(denom > 0, denom, 1.0), 0.0)
 
     out = jax.lax.map(
-        attend, (blocks(queries), blocks(seq_of_token), blocks(position), blocks(is_real, False))
+        attend,
+        (
+            in_blocks(queries, block),
+            in_blocks(seq_of_token, block),
+            in_blocks(position, block),
+            in_blocks(is_real, block, False),
+        ),
     )
     return out.reshape(padded, num_heads, value_dim)[:num_tokens]
 
@@ -210,7 +212,14 @@ def deinterleave(x: jax.Array) -> jax.Array:
 
 
 class MLAAttention(nnx.Module):
-    """DeepSeek's attention block; parameter names follow Hugging Face's ``self_attn``."""
+    """DeepSeek's attention block; parameter names follow Hugging Face's ``self_attn``.
+
+    With a query LoRA (DeepSeek-V3) the two projections of the block's input, ``q_a_proj`` and
+    ``kv_a_proj_with_mqa``, run as one matmul, ``fused_qkv_a_proj`` (the loader concatenates
+    the two checkpoint tensors; both are replicated under tensor parallelism). Without one
+    (DeepSeek-V2-Lite) ``q_proj`` is split over the devices and ``kv_a_proj_with_mqa`` is not,
+    so they stay apart.
+    """
 
     def __init__(self, spec: MLASpec, dtype: jnp.dtype):
         _warn_if_kernel_requested()
@@ -218,13 +227,17 @@ class MLAAttention(nnx.Module):
         h, q_out = spec.hidden_size, spec.num_heads * spec.qk_head_dim
         if spec.q_lora_rank is None:
             self.q_proj = Linear(h, q_out, dtype)
-            self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
+            self.fused_qkv_a_proj = self.q_a_layernorm = self.q_b_proj = None
+            self.kv_a_proj_with_mqa = Linear(h, spec.cache_width, dtype, bias=spec.bias)
         else:
-            self.q_proj = None
-            self.q_a_proj = Linear(h, spec.q_lora_rank, dtype, bias=spec.bias)
+            self.q_proj = self.kv_a_proj_with_mqa = None
+            fusion = Fusion(
+                (("q_a_proj", spec.q_lora_rank), ("kv_a_proj_with_mqa", spec.cache_width)),
+                groups=1,
+            )
+            self.fused_qkv_a_proj = FusedLinear(h, fusion, dtype, bias=spec.bias)
             self.q_a_layernorm = RMSNorm(spec.q_lora_rank, LATENT_NORM_EPS, dtype)
             self.q_b_proj = Linear(spec.q_lora_rank, q_out, dtype)
-        self.kv_a_proj_with_mqa = Linear(h, spec.cache_width, dtype, bias=spec.bias)
         self.kv_a_layernorm = RMSNorm(spec.kv_lora_rank, LATENT_NORM_EPS, dtype)
         self.kv_b_proj = Linear(
             spec.kv_lora_rank, spec.num_heads * (spec.qk_nope_head_dim + spec.v_head_dim), dtype
@@ -239,13 +252,13 @@ class MLAAttention(nnx.Module):
     ) -> tuple[jax.Array, LatentCache]:
         spec, tokens = self.spec, x.shape[0]
         if self.q_proj is not None:
-            q = self.q_proj(x)
+            q, compressed = self.q_proj(x), self.kv_a_proj_with_mqa(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q_a, compressed = self.fused_qkv_a_proj.parts(x)
+            q = self.q_b_proj(self.q_a_layernorm(q_a))
         q = q.reshape(tokens, spec.num_heads, spec.qk_head_dim)
         q_nope, q_rope = q[..., : spec.qk_nope_head_dim], q[..., spec.qk_nope_head_dim :]
-
-        compressed = self.kv_a_proj_with_mqa(x)  # [T, kv_lora_rank + rope]
+        # compressed: [T, kv_lora_rank + rope]
         latent = self.kv_a_layernorm(compressed[:, : spec.kv_lora_rank])
         k_rope = self._rope(compressed[:, None, spec.kv_lora_rank :], positions)  # [T, 1, R]
         q_rope = self._rope(q_rope, positions)

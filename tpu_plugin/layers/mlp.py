@@ -2,9 +2,12 @@
 
 Families differ only in the activation (SiLU for Llama/Qwen/Mistral/Phi-3, tanh-approximated
 GELU for Gemma), named as in the Hugging Face config (``hidden_act`` / ``hidden_activation``).
-Checkpoints that fuse gate and up into one tensor (Phi-3's ``gate_up_proj``) are split by the
-loader (see ``fused_checkpoint_tensors`` in :mod:`tpu_plugin.models.llama`), so one module
-serves both layouts.
+Gate and up run as one matmul, ``gate_up_proj`` with weight ``[intermediate, 2, hidden]`` (row
+``i`` of gate next to row ``i`` of up, :class:`~tpu_plugin.layers.linear.Fusion`): tensor
+parallelism splits axis 0, so every device holds the same rows of both and computes
+``act(gate) * up`` on its own. The loader interleaves the checkpoint's ``gate_proj``/``up_proj``
+(or cuts Phi-3's concatenated ``gate_up_proj`` first), so one module serves both checkpoint
+layouts.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tpu_plugin.layers.linear import Linear
+from tpu_plugin.layers.linear import FusedLinear, Fusion, Linear
 
 # Hugging Face activation name -> function (transformers' ACT2FN names).
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -39,7 +42,7 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 class GatedMLP(nnx.Module):
-    """``down(act(gate(x)) * up(x))`` with Hugging Face's parameter names."""
+    """``down(act(gate(x)) * up(x))``: ``gate_up_proj`` (fused) and ``down_proj``."""
 
     def __init__(
         self,
@@ -49,11 +52,13 @@ class GatedMLP(nnx.Module):
         bias: bool = False,
         act: str = "silu",
     ):
-        self.gate_proj = Linear(hidden, intermediate, dtype, bias=bias)
-        self.up_proj = Linear(hidden, intermediate, dtype, bias=bias)
+        # row i of gate next to row i of up: TP splits rows of both alike (Fusion)
+        fusion = Fusion((("gate_proj", intermediate), ("up_proj", intermediate)), intermediate)
+        self.gate_up_proj = FusedLinear(hidden, fusion, dtype, bias=bias)
         self.down_proj = Linear(intermediate, hidden, dtype, bias=bias)
         activation(act)  # fail at construction (start-up), not at the first step
         self.act = act  # a name, not a function: static module data must be hashable
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(activation(self.act)(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj.parts(x)
+        return self.down_proj(activation(self.act)(gate) * up)

@@ -7,8 +7,30 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, weight_offset: float = 0.0) -> jax.Array:
+    """``x / rms(x) * weight`` over the last axis, as Hugging Face computes it.
+
+    The statistic is float32 whatever the dtype. The plain form (Llama, Qwen, Mistral, Phi-3,
+    DeepSeek) rounds the normalised ``x`` to its dtype and multiplies by the weight there, as
+    HF's ``LlamaRMSNorm`` does; Gemma's ``(1 + weight)`` form (``weight_offset=1.0``) scales
+    in float32 before rounding, as HF's ``Gemma3RMSNorm`` does. ``weight`` broadcasts against
+    ``x`` (a per-head weight can differ per head).
+    """
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if weight_offset:
+        return (normed * (weight.astype(jnp.float32) + weight_offset)).astype(x.dtype)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
 class RMSNorm(nnx.Module):
-    """``x / rms(x) * weight``; ``weight_offset=1.0`` gives Gemma's ``(1 + weight)`` form."""
+    """``x / rms(x) * weight``; ``weight_offset=1.0`` gives Gemma's ``(1 + weight)`` form.
+
+    :meth:`add_and_norm` is the residual add of a block and the norm after it as one function
+    returning both, so that XLA emits them as one fusion (the sum is written once, for the next
+    block's residual, and normalised in the same pass); decoder layers carry the residual
+    stream through it instead of adding it themselves.
+    """
 
     def __init__(self, dim: int, eps: float, dtype: jnp.dtype, weight_offset: float = 0.0):
         self.weight = nnx.Param(jnp.ones((dim,), dtype))
@@ -16,10 +38,13 @@ class RMSNorm(nnx.Module):
         self.weight_offset = weight_offset
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        scale = self.weight[...].astype(jnp.float32) + self.weight_offset
-        return (normed * scale).astype(x.dtype)
+        return rms_norm(x, self.weight[...], self.eps, self.weight_offset)
+
+    def add_and_norm(self, x: jax.Array, residual: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """``(norm(x + residual), x + residual)``; ``residual`` None (the first layer, where
+        the stream starts at the embeddings): ``(norm(x), x)``."""
+        summed = x if residual is None else x + residual
+        return self(summed), summed
 
 
 class LayerNorm(nnx.Module):

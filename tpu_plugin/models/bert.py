@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tpu_plugin.layers.attention import AttentionMetadata, KVCache, encoder_attention
-from tpu_plugin.layers.linear import Embedding, Linear
+from tpu_plugin.layers.linear import Embedding, FusedLinear, Fusion, Linear
 from tpu_plugin.layers.mlp import activation
 from tpu_plugin.layers.norm import LayerNorm
 
@@ -57,21 +57,23 @@ class BertEmbeddings(nnx.Module):
 
 
 class BertSelfAttention(nnx.Module):
-    """``query`` / ``key`` / ``value`` projections (with bias) and bidirectional attention."""
+    """Bidirectional attention; ``query`` / ``key`` / ``value`` (with bias) run as one matmul,
+    ``qkv_proj``, grouped by head like the decoders' (the loader fuses the three checkpoint
+    tensors, :class:`tpu_plugin.layers.linear.Fusion`)."""
 
     def __init__(self, cfg: Any, dtype: jnp.dtype):
         hidden = cfg.hidden_size
         self.num_heads = cfg.num_attention_heads
         self.head_dim = hidden // cfg.num_attention_heads
-        self.query = Linear(hidden, hidden, dtype, bias=True)
-        self.key = Linear(hidden, hidden, dtype, bias=True)
-        self.value = Linear(hidden, hidden, dtype, bias=True)
+        parts = (("query", hidden), ("key", hidden), ("value", hidden))
+        fusion = Fusion(parts, groups=self.num_heads)  # per head: its q, k and v rows
+        self.qkv_proj = FusedLinear(hidden, fusion, dtype, bias=True)
 
     def __call__(
         self, x: jax.Array, kv_cache: KVCache, md: AttentionMetadata
     ) -> tuple[jax.Array, KVCache]:
         shape = (x.shape[0], self.num_heads, self.head_dim)
-        q, k, v = (proj(x).reshape(shape) for proj in (self.query, self.key, self.value))
+        q, k, v = (part.reshape(shape) for part in self.qkv_proj.parts(x))
         out, kv_cache = encoder_attention(q, k, v, kv_cache, md, sm_scale=self.head_dim**-0.5)
         return out.reshape(x.shape[0], -1), kv_cache
 

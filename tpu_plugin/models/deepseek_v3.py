@@ -84,12 +84,18 @@ class DeepseekV3DecoderLayer(nnx.Module):
             self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, dtype, act=act)
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, cache: LatentCache, md: AttentionMetadata
-    ) -> tuple[jax.Array, LatentCache]:
-        attn_out, cache = self.self_attn(self.input_layernorm(x), positions, cache, md)
-        x = x + attn_out
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, cache
+        self,
+        x: jax.Array,
+        residual: jax.Array | None,
+        positions: jax.Array,
+        cache: LatentCache,
+        md: AttentionMetadata,
+    ) -> tuple[jax.Array, jax.Array, LatentCache]:
+        """The residual stream carried beside the output (``LlamaDecoderLayer``'s contract)."""
+        h, residual = self.input_layernorm.add_and_norm(x, residual)
+        attn_out, cache = self.self_attn(h, positions, cache, md)
+        h, residual = self.post_attention_layernorm.add_and_norm(attn_out, residual)
+        return self.mlp(h), residual, cache
 
 
 class DeepseekV3ForCausalLM(LlamaForCausalLM):

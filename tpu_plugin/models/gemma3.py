@@ -51,12 +51,20 @@ class Gemma3DecoderLayer(nnx.Module):
         self.post_feedforward_layernorm = norm()
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, kv_cache: KVCache, md: AttentionMetadata
-    ) -> tuple[jax.Array, KVCache]:
-        attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, md)
-        x = x + self.post_attention_layernorm(attn_out)
-        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        return x, kv_cache
+        self,
+        x: jax.Array,
+        residual: jax.Array | None,
+        positions: jax.Array,
+        kv_cache: KVCache,
+        md: AttentionMetadata,
+    ) -> tuple[jax.Array, jax.Array, KVCache]:
+        """The residual stream carried beside the output (``LlamaDecoderLayer``'s contract):
+        each residual add is done by the pre-norm that follows it."""
+        h, residual = self.input_layernorm.add_and_norm(x, residual)
+        attn_out, kv_cache = self.self_attn(h, positions, kv_cache, md)
+        attn_out = self.post_attention_layernorm(attn_out)
+        h, residual = self.pre_feedforward_layernorm.add_and_norm(attn_out, residual)
+        return self.post_feedforward_layernorm(self.mlp(h)), residual, kv_cache
 
 
 class Gemma3ForCausalLM(LlamaForCausalLM):

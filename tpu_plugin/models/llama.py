@@ -7,9 +7,11 @@ class-level hooks (:meth:`~LlamaForCausalLM.attention_spec`,
 :meth:`~LlamaForCausalLM.compute_logits`, :meth:`~LlamaForCausalLM.fused_checkpoint_tensors`),
 never the forward loop, so what the runner calls is the same for every family.
 
-Module and parameter names mirror the Hugging Face checkpoint (``model.layers.3.self_attn.q_proj
-.weight``), so weights load by name with no mapping table. Layers are separate modules, not a
-``lax.scan`` over stacked weights: on GPU the scan measured 2.4x slower at batch 1.
+Module and parameter names mirror the Hugging Face checkpoint (``model.layers.3.self_attn.o_proj
+.weight``), so weights load by name with no mapping table; the fused projections
+(``self_attn.qkv_proj``, ``mlp.gate_up_proj``) are built by the loader from their parts' names.
+Layers are separate modules, not a ``lax.scan`` over stacked weights: on GPU the scan measured
+2.4x slower at batch 1.
 """
 
 from __future__ import annotations
@@ -46,7 +48,13 @@ def layer_type_of(cfg: Any, layer_idx: int) -> str | None:
 
 
 class LlamaDecoderLayer(nnx.Module):
-    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+
+    The residual stream is carried beside the block's output rather than added at its end:
+    ``(out, residual) -> (out', residual')``, each add done by the norm after it
+    (:meth:`~tpu_plugin.layers.norm.RMSNorm.add_and_norm`, one fusion), the last one by the
+    model's final norm. The sums are those HF computes, in the same dtype and order.
+    """
 
     def __init__(self, cfg: Any, spec: AttentionSpec, dtype: jnp.dtype):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
@@ -61,12 +69,17 @@ class LlamaDecoderLayer(nnx.Module):
         )
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, kv_cache: KVCache, md: AttentionMetadata
-    ) -> tuple[jax.Array, KVCache]:
-        attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, md)
-        x = x + attn_out
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, kv_cache
+        self,
+        x: jax.Array,
+        residual: jax.Array | None,
+        positions: jax.Array,
+        kv_cache: KVCache,
+        md: AttentionMetadata,
+    ) -> tuple[jax.Array, jax.Array, KVCache]:
+        h, residual = self.input_layernorm.add_and_norm(x, residual)
+        attn_out, kv_cache = self.self_attn(h, positions, kv_cache, md)
+        h, residual = self.post_attention_layernorm.add_and_norm(attn_out, residual)
+        return self.mlp(h), residual, kv_cache
 
 
 class LlamaModel(nnx.Module):
@@ -114,12 +127,13 @@ class LlamaForCausalLM(nnx.Module):
 
     @classmethod
     def fused_checkpoint_tensors(cls, cfg: Any) -> dict[str, list[tuple[str, int]]]:
-        """Checkpoint modules whose tensors stack several of this port's modules on axis 0.
+        """Checkpoint modules renamed, or cut on axis 0 into several of this port's modules.
 
-        ``{"self_attn.qkv_proj": [("self_attn.q_proj", rows), ...]}`` makes the loader cut
-        ``model.layers.N.self_attn.qkv_proj.{weight,bias}`` into ``q_proj``/``k_proj``/...
-        ``rows`` each, in order; a single entry is a plain rename. A checkpoint that already
-        has the split names loads as is, so both layouts work. Llama needs none.
+        ``{"mlp.gate": [("block_sparse_moe.gate", rows)]}`` renames (a single entry);
+        several entries cut ``model.layers.N.<key>.{weight,bias}`` into the parts, ``rows``
+        each, in order. Fused projections need no entry: the loader finds them in the model
+        (:class:`tpu_plugin.layers.linear.FusedLinear`) and takes both their parts and a
+        checkpoint's concatenated fused tensor (Phi-3). Llama needs none.
         """
         return {}
 
@@ -135,12 +149,13 @@ class LlamaForCausalLM(nnx.Module):
         positions: jax.Array,
         md: AttentionMetadata,
     ) -> tuple[list[KVCache], jax.Array]:
-        x = self.embed(input_ids)
+        x, residual = self.embed(input_ids), None
         new_caches = []
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            x, kv_cache = layer(x, positions, kv_cache, md)
+            x, residual, kv_cache = layer(x, residual, positions, kv_cache, md)
             new_caches.append(kv_cache)
-        return new_caches, self.model.norm(x)
+        hidden, _ = self.model.norm.add_and_norm(x, residual)
+        return new_caches, hidden
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits ``[rows, vocab]`` for the selected hidden states."""

@@ -5,9 +5,18 @@ parameter is read by its Hugging Face name, checked for shape and cast to the se
 (checkpoints in bf16, fp16 or fp32 all load into any serving dtype). A missing, duplicated or
 misshaped tensor stops start-up with its name; nothing is left random.
 
-The one per-model hook is ``fused_checkpoint_tensors`` (see
-:meth:`tpu_plugin.models.llama.LlamaForCausalLM.fused_checkpoint_tensors`): checkpoint tensors
-that stack several of the port's parameters (Phi-3's ``qkv_proj``) are cut on axis 0 into them.
+Fused projections (:class:`tpu_plugin.layers.linear.FusedLinear`: ``self_attn.qkv_proj``,
+``mlp.gate_up_proj``, MLA's ``fused_qkv_a_proj``) are found in the model itself, not in a
+per-family table: each is built from the checkpoint tensors of its parts, named next to it
+(``self_attn.q_proj.weight``, ``k_proj``, ``v_proj``), in the fused layout
+(:class:`~tpu_plugin.layers.linear.Fusion`); a checkpoint that already fuses them under the
+module's own name with the parts concatenated on axis 0 (Phi-3's ``qkv_proj`` and
+``gate_up_proj``) is cut into the parts first, so both layouts load for every family.
+
+The per-model hook ``fused_checkpoint_tensors`` (see
+:meth:`tpu_plugin.models.llama.LlamaForCausalLM.fused_checkpoint_tensors`) renames checkpoint
+modules or cuts a checkpoint tensor on axis 0 into several parameters (Mixtral's transformers-5
+names).
 
 The reverse, for mixture-of-experts ports, is the optional class hook
 ``stacked_checkpoint_tensors(cfg)``: many checkpoint tensors (one per expert) fill one stacked
@@ -33,6 +42,7 @@ from flax import nnx
 from safetensors import safe_open
 from vllm.logger import init_logger
 
+from tpu_plugin.layers.linear import FusedLinear, Fusion
 from tpu_plugin.models.registry import resolve_model_class
 
 logger = init_logger(__name__)
@@ -165,6 +175,80 @@ class _Stacker:
         return value
 
 
+class _Fuser:
+    """Collects the parts of every fused parameter of the model and fuses them at the end."""
+
+    def __init__(self, model: nnx.Module, wanted: dict[str, Any]):
+        self.fusions: dict[str, Fusion] = {}  # fused parameter -> its layout
+        self.part_of: dict[str, tuple[str, int]] = {}  # checkpoint name -> (parameter, part)
+        for path, node in nnx.iter_graph(model):
+            if not isinstance(node, FusedLinear):
+                continue
+            module = _param_name(path)
+            parent = module.rpartition(".")[0]
+            for leaf in ("weight", "bias"):
+                param = f"{module}.{leaf}"
+                if param not in wanted:
+                    continue
+                self.fusions[param] = node.fusion
+                for i, part in enumerate(node.fusion.names):
+                    self.part_of[f"{parent}.{part}.{leaf}" if parent else f"{part}.{leaf}"] = (
+                        param,
+                        i,
+                    )
+        self.parts: dict[str, dict[int, jax.Array]] = {}
+        self.sources: dict[str, dict[int, str]] = {}
+
+    def take(self, name: str, tensor: jax.Array, wanted: dict[str, Any]) -> bool:
+        """Keeps ``name`` when it is a part, or a checkpoint's concatenated fused tensor;
+        False when it is neither."""
+        if name in self.part_of:
+            param, i = self.part_of[name]
+            self._add(name, param, i, tensor, wanted)
+            return True
+        if name in self.fusions:
+            fusion = self.fusions[name]
+            if tensor.shape[0] != fusion.rows:
+                raise CheckpointError(
+                    f"{name} has {tensor.shape[0]} rows in the checkpoint, but its parts "
+                    f"({', '.join(fusion.names)}) need {fusion.rows}"
+                )
+            for i, part in enumerate(fusion.cut_concatenated(tensor)):
+                self._add(name, name, i, part, wanted)
+            return True
+        return False
+
+    def _add(self, name: str, param: str, i: int, tensor: jax.Array, wanted: dict) -> None:
+        value = wanted[param].get_value()
+        rows = self.fusions[param].parts[i][1]
+        expected = (rows, *value.shape[2:]) if len(value.shape) > 2 else (rows,)
+        if tuple(tensor.shape) != expected:
+            raise CheckpointError(
+                f"{name} has shape {tuple(tensor.shape)} in the checkpoint, but {param} needs "
+                f"{expected} for it; config.json does not match the weights: use the config "
+                "saved with them"
+            )
+        parts = self.parts.setdefault(param, {})
+        if i in parts:
+            raise CheckpointError(
+                f"{name} fills {param} part {self.fusions[param].names[i]}, which "
+                f"{self.sources[param][i]} already filled (the checkpoint has it twice)"
+            )
+        parts[i] = tensor.astype(value.dtype)
+        self.sources.setdefault(param, {})[i] = name
+
+    def fused(self, param: str) -> jax.Array:
+        """The fused parameter, or an error naming the checkpoint tensors it lacks."""
+        fusion, parts = self.fusions[param], self.parts.get(param, {})
+        missing = [n for i, n in enumerate(fusion.names) if i not in parts]
+        if missing:
+            base, _, leaf = param.rpartition(".")
+            parent = base.rpartition(".")[0]
+            names = ", ".join(f"{parent}.{n}.{leaf}" for n in missing)
+            raise CheckpointError(f"{param} cannot be assembled: the checkpoint lacks {names}")
+        return fusion.pack([parts[i] for i in range(len(fusion.parts))])
+
+
 # Prefixes a checkpoint may carry around the port's names: base-model checkpoints of decoders
 # (embedding models such as Qwen3-Embedding, saved from ``Qwen3Model``) lack ``model.``;
 # encoders saved from a task model (``BertForMaskedLM``) add ``bert.`` / ``roberta.``.
@@ -211,6 +295,7 @@ def load_model(
     fused = model_class.fused_checkpoint_tensors(hf_config)
     stacked_hook = getattr(model_class, "stacked_checkpoint_tensors", None)
     stacker = _Stacker(stacked_hook(hf_config) if stacked_hook else {})
+    fuser = _Fuser(abstract, wanted)
 
     loaded: dict[str, jax.Array] = {}
     unexpected: list[str] = []
@@ -219,7 +304,7 @@ def load_model(
     for file in files:
         with safe_open(file, framework="flax") as reader:
             names += list(reader.keys())  # noqa: SIM118 (safe_open is not a dict)
-    rename = checkpoint_renamer(names, set(wanted))
+    rename = checkpoint_renamer(names, set(wanted) | set(fuser.part_of))
     for file in files:
         with safe_open(file, framework="flax") as reader:
             for stored in reader.keys():  # noqa: SIM118 (safe_open is not a dict)
@@ -231,12 +316,14 @@ def load_model(
                     stacker.add(name, tensor, hit, expected)
                     continue
                 targets = split_targets(name, fused)
-                if not any(target in wanted for target, _ in targets):
+                if not any(t in wanted or t in fuser.part_of for t, _ in targets):
                     if not name.endswith(_IGNORED_SUFFIXES):
                         unexpected.append(name)
                     continue
                 tensor = reader.get_tensor(stored)
                 for (target, _), part in zip(targets, _cut(name, tensor, targets), strict=True):
+                    if fuser.take(target, part, wanted):
+                        continue
                     if target not in wanted:
                         unexpected.append(target)
                         continue
@@ -259,6 +346,9 @@ def load_model(
                 f"{target} appears twice in checkpoint {model_dir} (fused and per expert)"
             )
         loaded[target] = stacker.stacked(target, tuple(wanted[target].get_value().shape))
+
+    for target in fuser.fusions:
+        loaded[target] = fuser.fused(target)
 
     missing = sorted(set(wanted) - set(loaded))
     if missing:

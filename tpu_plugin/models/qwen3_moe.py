@@ -44,12 +44,18 @@ class MoeDecoderLayer(nnx.Module):
         self.ffn_name = ffn_name
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, kv_cache: KVCache, md: AttentionMetadata
-    ) -> tuple[jax.Array, KVCache]:
-        attn_out, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, md)
-        x = x + attn_out
-        x = x + getattr(self, self.ffn_name)(self.post_attention_layernorm(x))
-        return x, kv_cache
+        self,
+        x: jax.Array,
+        residual: jax.Array | None,
+        positions: jax.Array,
+        kv_cache: KVCache,
+        md: AttentionMetadata,
+    ) -> tuple[jax.Array, jax.Array, KVCache]:
+        """The residual stream carried beside the output (``LlamaDecoderLayer``'s contract)."""
+        h, residual = self.input_layernorm.add_and_norm(x, residual)
+        attn_out, kv_cache = self.self_attn(h, positions, kv_cache, md)
+        h, residual = self.post_attention_layernorm.add_and_norm(attn_out, residual)
+        return getattr(self, self.ffn_name)(h), residual, kv_cache
 
 
 def is_sparse_layer(cfg: Any, layer_idx: int) -> bool:

@@ -4,13 +4,22 @@ Models stay device-count free: their parameters keep Hugging Face names, and thi
 those names to specs on the ``("data", "model")`` mesh of :mod:`tpu_plugin.parallel.mesh`
 (Megatron-style tensor parallelism; XLA's SPMD partitioner inserts the collectives):
 
-- column-split (output rows over ``model``): ``q_proj``, ``k_proj``, ``v_proj``, ``gate_proj``,
-  ``up_proj`` (weights ``[out, in]`` and their biases) — each device computes its own heads /
-  its slice of the MLP intermediate;
+- fused q/k/v, ``qkv_proj`` ``[kv_heads, (group + 2) * head_dim, hidden]`` (grouped by KV head,
+  :class:`tpu_plugin.layers.linear.Fusion`): split on axis 0, so each device holds whole KV
+  groups, i.e. its query heads and exactly their K and V heads, and computes them with no
+  communication; its bias ``[kv_heads, ...]`` likewise;
+- when the KV heads do not divide over the devices (fewer KV heads than devices) the KV pages
+  are replicated and every device attends with all heads; ``qkv_proj`` is then split on its
+  input axis instead (partial sums: one all-reduce gives every device all of q, k and v, which
+  the replicated attention needs, while each device holds ``1 / tp`` of the weight; splitting
+  q alone would need the k/v rows copied onto every device); its bias replicated;
+- fused gate/up, ``gate_up_proj`` ``[intermediate, 2, hidden]`` (row ``i`` of gate next to row
+  ``i`` of up): split on axis 0, so each device holds the same rows of gate and of up (a
+  contiguous split of a concatenated ``[gate; up]`` would give one device only gate rows);
+- column-split (output rows over ``model``): ``q_proj`` (MLA without a query LoRA) — each device
+  computes its own heads;
 - row-split (input columns over ``model``): ``o_proj``, ``down_proj`` — partial sums, one
   all-reduce per block; their biases replicated;
-- ``k_proj``/``v_proj`` and the KV pages are replicated instead when the KV heads do not divide
-  over the devices (fewer KV heads than devices): every device then keeps all KV heads;
 - ``embed_tokens`` / ``lm_head`` ``[vocab, hidden]`` split on the vocabulary when it divides;
   the logits are computed vocabulary-split and then gathered (:meth:`ShardingPlan.logits`),
   else XLA gathers the whole ``lm_head`` weight every step;
@@ -43,9 +52,10 @@ from jax.sharding import PartitionSpec as P
 
 from tpu_plugin.parallel.mesh import MODEL_AXIS, ParallelLayout
 
-COLUMN_SPLIT = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+COLUMN_SPLIT = ("q_proj",)
 ROW_SPLIT = ("o_proj", "down_proj")
-KV_PROJECTIONS = ("k_proj", "v_proj")
+FUSED_QKV = "qkv_proj"  # [kv_heads, rows per group, hidden]: whole KV groups per device
+FUSED_GATE_UP = "gate_up_proj"  # [intermediate, 2, hidden]: matching gate/up rows per device
 EXPERT_STACKS = {"gate_up_proj": 1, "down_proj": 2}  # stacked tensor → its TP dimension
 EXPERT_AXIS = "expert"  # the logical axis name the MoE layer annotates (layers/moe.py)
 
@@ -80,8 +90,13 @@ def param_spec(
         return _split_dim(shape, EXPERT_STACKS[leaf], tp)
     if leaf not in ("weight", "bias"):
         return P()
-    if module in KV_PROJECTIONS and not layout.kv_heads_split:
-        return P()
+    if module == FUSED_QKV and len(shape) >= 2:
+        if shape[0] % tp == 0:  # the KV groups divide: whole groups per device
+            return _split_dim(shape, 0, tp)
+        # KV heads replicated: partial sums over the input axis (module doc); bias replicated
+        return _split_dim(shape, len(shape) - 1, tp) if leaf == "weight" else P()
+    if module == FUSED_GATE_UP and len(shape) >= 2:
+        return _split_dim(shape, 0, tp)
     if module in COLUMN_SPLIT:
         return _split_dim(shape, 0, tp)
     if module in ROW_SPLIT:
