@@ -124,7 +124,7 @@ def write_checkpoint(path: str, config) -> int:
     from transformers import AutoModelForCausalLM
 
     os.makedirs(path, exist_ok=True)
-    config.architectures = ["LlamaForCausalLM"]
+    config.architectures = config.architectures or ["LlamaForCausalLM"]
     config.save_pretrained(path)
     with torch.device("meta"):
         shapes = {

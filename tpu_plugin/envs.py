@@ -38,6 +38,17 @@ def default_device(value: str) -> None:
     os.environ.setdefault("TPU_PLUGIN_DEVICE", value)
 
 
+def share_libtpu() -> None:
+    """Sets libtpu's ``ALLOW_MULTIPLE_LIBTPU_LOAD=1`` unless the user set it.
+
+    libtpu takes ``/tmp/libtpu_lockfile`` when it loads, guarding the chips; compiling for
+    abstract TPU devices (``tools/tpu_aot.py``) opens no chip, yet a second process doing so
+    at the same time (another planner, the TPU compile tests) would fail with "Internal error
+    when accessing libtpu multi-process lockfile". Called only by the ahead-of-time tools.
+    """
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
 def active_device() -> str:
     """The backend of an active plugin: ``TPU_PLUGIN_DEVICE``, else ``tpu``.
 
@@ -79,6 +90,72 @@ def moe_impl() -> str:
     return _choice("TPU_PLUGIN_MOE", MOE_IMPLS, "auto") or "auto"
 
 
+MOE_OFFLOAD_POLICIES = ("off", "predict", "lru")
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10,
+               "mib": 2**20, "gib": 2**30}  # fmt: skip
+
+
+def moe_offload(raw: str | None = None) -> str:
+    """``TPU_PLUGIN_MOE_OFFLOAD``: off (default) | predict | lru.
+
+    ``predict`` and ``lru`` keep the routed experts of every MoE layer in host memory with a
+    device expert cache (``tpu_plugin.layers.moe_offload``): ``predict`` orders eviction and
+    prefetches by a per-request expert-activation history, ``lru`` is the plain
+    least-recently-used baseline. ``raw``: a value given another way (vLLM's
+    ``--additional-config``, ``runner/expert_cache.py``) instead of the environment's.
+    """
+    if raw is None:
+        return _choice("TPU_PLUGIN_MOE_OFFLOAD", MOE_OFFLOAD_POLICIES, "off") or "off"
+    value = str(raw).strip().lower() or "off"
+    if value not in MOE_OFFLOAD_POLICIES:
+        raise ValueError(
+            f"moe_offload={raw!r} is not valid; choose one of: {', '.join(MOE_OFFLOAD_POLICIES)}"
+        )
+    return value
+
+
+def moe_offload_cache(raw: str | None = None) -> tuple[str, float]:
+    """``TPU_PLUGIN_MOE_OFFLOAD_CACHE``: the device expert cache's size (default ``0.25``).
+
+    ``32``: experts per MoE layer (slots are shared by all layers: ``32 x layers`` in all);
+    ``0.25``: that fraction of all routed experts; ``12GiB`` / ``500MB``: bytes. Returns
+    ``("experts" | "fraction" | "bytes", value)``. ``raw``: as in :func:`moe_offload`.
+    """
+    if raw is None:
+        raw = os.environ.get("TPU_PLUGIN_MOE_OFFLOAD_CACHE", "")
+    raw = str(raw).strip().lower() or "0.25"
+    number = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = raw[len(number) :]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit in _BYTE_UNITS and unit and value > 0:
+        return "bytes", value * _BYTE_UNITS[unit]
+    if not unit and value.is_integer() and value >= 1 and "." not in number:
+        return "experts", value
+    if not unit and 0 < value <= 1:
+        return "fraction", value
+    raise ValueError(
+        f"TPU_PLUGIN_MOE_OFFLOAD_CACHE={raw!r} is not valid; give experts per MoE layer "
+        "(32), a fraction of all experts (0.25) or bytes (12GiB, 500MB)"
+    )
+
+
+def moe_offload_prefetch(raw: str | int | None = None) -> int:
+    """``TPU_PLUGIN_MOE_OFFLOAD_PREFETCH``: prefetch copies per step for ``predict`` (default
+    4, 0 turns prefetch off); each is one expert, spread over groups of layers. ``raw``: as
+    in :func:`moe_offload`."""
+    if raw is None:
+        raw = os.environ.get("TPU_PLUGIN_MOE_OFFLOAD_PREFETCH", "4")
+    text = str(raw).strip()
+    if not text.isdigit():
+        raise ValueError(
+            f"TPU_PLUGIN_MOE_OFFLOAD_PREFETCH={raw!r} is not valid; give a count (0 or more)"
+        )
+    return int(text)
+
+
 def plugin_home() -> str:
     """``TPU_PLUGIN_HOME``: cache root for built models and compiled programs."""
     default = os.path.join(os.path.expanduser("~"), ".cache", "tpu-plugin")
@@ -104,6 +181,39 @@ def precompile() -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"TPU_PLUGIN_PRECOMPILE={value!r} is not valid; choose one of: 1, 0")
+
+
+# The platform the programs being built are for, while the TPU planner compiles for a TPU
+# from a CPU host (compile_for); None: this process's own JAX backend.
+_TARGET: str | None = None
+
+
+def compile_target() -> str | None:
+    """The platform :func:`compile_for` set, or None (no JAX call: safe before JAX starts)."""
+    return _TARGET
+
+
+def target_platform() -> str:
+    """The platform whose choices (``auto`` kernels, static or run-time sampler flags) the
+    programs built now follow: :func:`compile_for`'s, else this process's JAX backend."""
+    if _TARGET is not None:
+        return _TARGET
+    import jax
+
+    return jax.default_backend()
+
+
+@contextlib.contextmanager
+def compile_for(platform: str) -> Iterator[None]:
+    """Builds the enclosed block's programs for ``platform`` (the TPU planner on a CPU host:
+    ``tpu_plugin.tools.tpu_aot.tpu_kernels``): every ``auto`` choice follows the target, not
+    the host, then the host's choices come back."""
+    global _TARGET
+    saved, _TARGET = _TARGET, platform
+    try:
+        yield
+    finally:
+        _TARGET = saved
 
 
 @contextlib.contextmanager

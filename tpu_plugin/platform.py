@@ -69,7 +69,8 @@ def cpu_batch_defaults() -> None:
 
     def get_batch_defaults(cls: type, world_size: int) -> tuple[dict, dict]:
         tokens, seqs = original(cls, world_size)
-        if envs.active_device() == "cpu":
+        # Not while the TPU planner builds a TPU engine's config from a CPU host.
+        if envs.active_device() == "cpu" and envs.compile_target() is None:
             cap = max(256, CPU_TOKENS_PER_CORE * (os.cpu_count() or 1))
             tokens = {context: min(value, cap) for context, value in tokens.items()}
         return tokens, seqs

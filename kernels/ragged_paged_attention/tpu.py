@@ -65,12 +65,12 @@ def _kernel(
     block_end_seq_ref,  # [num_blocks]: one past the last such sequence
     # Inputs.
     q_ref,  # VMEM [bq, num_q_heads * head_dim]
-    k_hbm_ref,  # HBM [num_pages, page_size, num_kv_heads, head_dim]
+    k_hbm_ref,  # HBM [num_pages, page_size, num_kv_heads, head_dim] ([.., head_dim]: 1 head)
     v_hbm_ref,
     # Output.
     o_ref,  # VMEM [bq, num_q_heads * head_dim]
     # Scratch.
-    k_buf,  # VMEM [2, bkv, num_kv_heads, head_dim]
+    k_buf,  # VMEM [2, bkv, num_kv_heads, head_dim] ([2, bkv, head_dim]: 1 head)
     v_buf,
     sems,  # DMA [2 (slot), 2 (k, v)]
     m_ref,  # VMEM f32 [num_kv_heads, group * bq, 128]: running max (lane-replicated)
@@ -189,8 +189,9 @@ def _kernel(
         q_tile = q_ref[pl.ds(row0, tile), :]
         precision = lax.Precision.HIGHEST if q_tile.dtype == jnp.float32 else None
         for h in range(num_kv_heads):
-            k = k_buf[slot, :, h, :]
-            v = jnp.where(copied, v_buf[slot, :, h, :], jnp.zeros((), v_buf.dtype))
+            k = k_buf[slot, :, h, :] if len(k_buf.shape) == 4 else k_buf[slot]
+            v = v_buf[slot, :, h, :] if len(v_buf.shape) == 4 else v_buf[slot]
+            v = jnp.where(copied, v, jnp.zeros((), v_buf.dtype))
             heads = [(h * group + g) * head_dim for g in range(group)]
             q = jnp.concatenate([q_tile[:, c : c + head_dim] for c in heads], axis=0)
             scores = lax.dot_general(
@@ -416,7 +417,16 @@ def ragged_paged_attention(
     # The pages go in as they are, [pages, page_size, kv_heads, head_dim]: on TPU a reshape to
     # [pages, page_size, kv_heads * head_dim] is a relayout of its tiles, i.e. a copy of the
     # whole cache every layer and step (seen in the TPU compiler's memory analysis). One DMA
-    # still moves a whole page, all its KV heads.
+    # still moves a whole page, all its KV heads. A single KV head (MQA, or one head per
+    # device when tensor parallelism splits the KV heads) goes in as [pages, page_size,
+    # head_dim], the same bytes: the compiler lays a [.., page_size, 1, head_dim] array out
+    # with its size-1 axis outermost, while a Mosaic operand must be row-major, which pads
+    # that axis, so XLA copied the whole cache into the padded form every layer and step
+    # (temporaries 2x the cache on v6e); the 3-D view is a bitcast of the compiler's layout.
+    page_shape = (bkv, num_kv_heads, head_dim) if num_kv_heads > 1 else (bkv, head_dim)
+    if num_kv_heads == 1:
+        k_pages = k_pages.reshape(num_pages, page_size, head_dim)
+        v_pages = v_pages.reshape(num_pages, page_size, head_dim)
     query_start_loc = query_start_loc.astype(jnp.int32)
     num_seqs = jnp.clip(jnp.reshape(num_seqs, (1,)).astype(jnp.int32), 0, max_num_seqs)
     first_seq, end_seq = block_seq_ranges(query_start_loc, num_seqs, num_blocks, bq)
@@ -446,8 +456,8 @@ def ragged_paged_attention(
         in_specs=[io_spec, pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
         out_specs=io_spec,
         scratch_shapes=[
-            pltpu.VMEM((2, bkv, num_kv_heads, head_dim), k_pages.dtype),
-            pltpu.VMEM((2, bkv, num_kv_heads, head_dim), v_pages.dtype),
+            pltpu.VMEM((2, *page_shape), k_pages.dtype),
+            pltpu.VMEM((2, *page_shape), v_pages.dtype),
             pltpu.SemaphoreType.DMA((2, 2)),
             pltpu.VMEM((num_kv_heads, rows, 128), jnp.float32),
             pltpu.VMEM((num_kv_heads, rows, 128), jnp.float32),

@@ -102,6 +102,21 @@ def test_gqa_ratios(group):
     check_kernel(batch, sm_scale=0.125)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_single_kv_head(dtype):
+    """One KV head (MQA, or a device's share under tensor parallelism = KV heads): the kernel
+    reads the pages as [pages, page_size, head_dim] (tpu.py says why)."""
+    batch = make_batch(
+        seed_of("kernel_one_head", dtype),
+        MIXES["mixed"],
+        num_q_heads=4,
+        num_kv_heads=1,
+        head_dim=128,
+        dtype=dtype,
+    )
+    check_kernel(batch, block=(16, 2), sm_scale=128**-0.5)
+
+
 @pytest.mark.parametrize("head_dim, dtype", [(64, jnp.float32), (256, jnp.bfloat16)])
 def test_head_dims(head_dim, dtype):
     batch = make_batch(
@@ -193,24 +208,25 @@ def test_interpret_mode_poisons_unwritten_output():
 
 
 @pytest.mark.parametrize(
-    "device_kind, dtype, head_dim, group, page_size",
+    "device_kind, dtype, head_dim, group, page_size, kv_heads",
     [
-        ("TPU v5 lite", jnp.bfloat16, 128, 4, 16),
-        ("TPU v6 lite", jnp.bfloat16, 256, 8, 128),
-        ("TPU v5", jnp.float32, 64, 1, 32),
+        ("TPU v5 lite", jnp.bfloat16, 128, 4, 16, 2),
+        ("TPU v6 lite", jnp.bfloat16, 256, 8, 128, 2),
+        ("TPU v5", jnp.float32, 64, 1, 32, 2),
+        ("TPU v6 lite", jnp.bfloat16, 128, 8, 16, 1),  # one KV head: 3-D pages
     ],
 )
-def test_lowers_to_mosaic(device_kind, dtype, head_dim, group, page_size):
+def test_lowers_to_mosaic(device_kind, dtype, head_dim, group, page_size, kv_heads):
     """Interpret mode accepts any jnp; this checks that every op has a Mosaic lowering rule.
 
     It runs Pallas' TPU lowering on CPU for an abstract TPU device. Mosaic's own layout passes
     and the TPU compiler need libtpu and are not exercised here.
     """
     batch = make_batch(
-        seed_of("lower", device_kind),
+        seed_of("lower", device_kind, kv_heads),
         [(1, 30), (20, 50)],
-        num_q_heads=2 * group,
-        num_kv_heads=2,
+        num_q_heads=kv_heads * group,
+        num_kv_heads=kv_heads,
         head_dim=head_dim,
         page_size=page_size,
         dtype=dtype,

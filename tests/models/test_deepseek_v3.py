@@ -166,15 +166,18 @@ def test_greedy_ragged_batch_matches_hf(tmp_path, make_llm):
 @pytest.mark.parametrize("mix", ["mixed", "chunked_prefill"])
 def test_mla_paged_attention_matches_oracle(mix):
     """Absorbed MLA is MQA whose value is the key's first ``kv_lora_rank`` features: check it
-    against the naive oracle with V = K, on NaN-poisoned unused slots and garbage padding."""
-    from tpu_plugin.layers.mla import mla_paged_attention
+    against the naive oracle with V = K, on NaN-poisoned unused slots and garbage padding,
+    with the pages' rows padded to 128 lanes of NaN (``page_row_width``: never read)."""
+    from tpu_plugin.layers.mla import mla_paged_attention, page_row_width
 
     latent = 32
     batch = make_batch(11, MIXES[mix], num_q_heads=4, num_kv_heads=1, head_dim=latent + 16)
     batch.v_pages = batch.k_pages
+    lanes = page_row_width(latent + 16) - (latent + 16)
+    padded = np.pad(batch.k_pages, [(0, 0)] * 3 + [(0, lanes)], constant_values=np.nan)
     out = mla_paged_attention(
         jnp.asarray(batch.queries),
-        jnp.asarray(batch.k_pages),
+        jnp.asarray(padded),
         *batch.args()[3:],
         sm_scale=0.2,
         value_dim=latent,
@@ -196,10 +199,11 @@ def test_cache_layout_and_vllm_spec():
     cfg = CONFIGS["dsv3-qlora-interleave"]()
     cfg.architectures = ["DeepseekV3ForCausalLM"]
     layout = kv_cache.cache_layout(cfg)
-    assert tuple(layout) == (1, 32 + 16, True)
+    # 32 + 16 values per token, stored in one 128-lane row (mla.page_row_width).
+    assert tuple(layout) == (1, 128, True)
     specs = kv_cache.kv_cache_spec(3, *layout[:2], 16, torch.float32, latent=True)
     spec = specs[kv_cache.layer_name(0)]
-    assert type(spec) is MLAAttentionSpec and spec.page_size_bytes == 16 * 48 * 4
+    assert type(spec) is MLAAttentionSpec and spec.page_size_bytes == 16 * 128 * 4
     # The expanded layout would cache every head's key (nope + rope) and value.
     expanded = FullAttentionSpec(
         block_size=16, num_kv_heads=4, head_size=48, head_size_v=32, dtype=torch.float32

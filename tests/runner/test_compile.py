@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from vllm.sampling_params import SamplingParams
 
-from tpu_plugin.runner import compile as compile_module
 from tpu_plugin.runner.compile import StepBucket, sampler_variants, step_buckets
 from tpu_plugin.runner.input_batch import InputBatch, RequestState
 from tpu_plugin.runner.inputs import merge_plan, merge_prev_tokens, prepare_inputs
@@ -94,9 +93,9 @@ def test_sampler_variants_with_flags_decided_at_run_time():
     assert sampler_variants(-1, 512, "raw_logprobs")[0]["num_logprobs"] == 512
 
 
-def test_sampler_variants_cover_the_static_flags(monkeypatch):
-    monkeypatch.setattr(compile_module, "runtime_sampler_flags", lambda platform=None: False)
-    variants = sampler_variants(20, 512, "raw_logprobs")
+def test_sampler_variants_cover_the_static_flags():
+    """TPU (and GPU) programs keep greedy and top-k/top-p static: one per combination."""
+    variants = sampler_variants(20, 512, "raw_logprobs", platform="tpu")
     assert len(variants) == 8
     assert {v["num_logprobs"] for v in variants} == {0, 20}
     assert {(v["all_greedy"], v["use_top_k_top_p"]) for v in variants} == {

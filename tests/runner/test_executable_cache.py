@@ -77,8 +77,13 @@ def precompile_counted(runner) -> tuple[dict, dict[str, int]]:
 
 def outputs(runner) -> dict[str, list]:
     """Logits of a real prefill through the largest bucket's program, and sampled tokens."""
-    from tpu_plugin.runner.compile import dummy_step, run_sampler, step_buckets, step_key
-    from tpu_plugin.runner.inputs import HostStep
+    from tpu_plugin.runner.compile import (
+        dummy_sampling_inputs,
+        dummy_step,
+        run_sampler,
+        step_buckets,
+        step_key,
+    )
 
     bucket = step_buckets(
         runner.scheduler_config.max_num_batched_tokens,
@@ -98,8 +103,7 @@ def outputs(runner) -> dict[str, list]:
     runner.kv_caches, logits = runner._compiled[step_key(step)](
         runner.params, runner.kv_caches, step
     )
-    host = HostStep([], np.zeros(0, np.int32), np.zeros(0, bool), bucket.seqs)
-    inputs = jax.device_put(runner._sampling_inputs(host)[0])
+    inputs = jax.device_put(dummy_sampling_inputs(runner, bucket.seqs))
     flags = dict(all_greedy=True, use_top_k_top_p=False, num_logprobs=0)
     flags["logprobs_mode"] = runner.model_config.logprobs_mode
     sampled = run_sampler(runner._compiled_samplers, logits, inputs, flags)
@@ -119,11 +123,20 @@ def llama_dir(tmp_path_factory) -> Path:
 
 
 def test_second_precompile_loads_everything_untraced(tmp_path, monkeypatch, llama_dir):
+    from tpu_plugin.runner.compile import startup_programs
+
     monkeypatch.setenv("TPU_PLUGIN_COMPILE_CACHE", str(tmp_path / "cache"))
     first = build_runner(llama_dir)
     counts, events = precompile_counted(first)
     programs = len(first._compiled) + len(first._compiled_samplers)
     assert counts == {"hits": 0, "misses": programs, "stored": programs}
+    # The one program list (the TPU planner's too): forwards and samplers are cached, the
+    # async token recorders (one per sequence bucket, after its samplers) go to JAX's cache.
+    listed = startup_programs(first)
+    assert [p.kind for p in listed if p.kind != "forward"] == ["sampler", "sampler", "record"] * 2
+    assert sum(p.kind != "record" for p in listed) == programs
+    # TPU programs keep greedy and top-k/top-p static: 4x the sampler programs.
+    assert sum(p.kind == "sampler" for p in startup_programs(first, platform="tpu")) == 16
     assert events["traces"] >= programs
     fresh = outputs(first)
 

@@ -50,7 +50,7 @@ class AttentionMetadata(NamedTuple):
 def attention_kernel() -> Callable[..., jax.Array]:
     """The ragged paged attention function this process uses."""
     choice = envs.attention_impl()
-    backend = jax.default_backend()
+    backend = envs.target_platform()  # the TPU when the planner compiles for one
     if choice == "auto":
         # On an H100 the Pallas GPU kernel reads KV at 83-94% of copy bandwidth (2k-8k context
         # decode) against 22-26% for the reference (benchmarks/RESULTS.md).

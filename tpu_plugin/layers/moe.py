@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tpu_plugin import envs
+from tpu_plugin.layers import moe_offload
 from tpu_plugin.layers.linear import Linear
 from tpu_plugin.layers.mlp import GatedMLP
 
@@ -84,7 +85,7 @@ def moe_kernel() -> Callable[..., jax.Array]:
 
     choice = envs.moe_impl()
     if choice == "auto":
-        choice = "pallas" if jax.default_backend() == "tpu" else "xla"
+        choice = "pallas" if envs.target_platform() == "tpu" else "xla"
     if choice == "xla":
         return xla.fused_moe
     if choice == "reference":
@@ -135,7 +136,14 @@ class FusedExperts(nnx.Module):
 
 
 class SparseMoeBlock(nnx.Module):
-    """``experts(x, select_experts(gate(x)))`` plus the optional (gated) shared experts."""
+    """``experts(x, select_experts(gate(x)))`` plus the optional (gated) shared experts.
+
+    ``moe_index`` (the block's place among the model's MoE blocks, set by
+    :func:`tpu_plugin.layers.moe_offload.number_blocks`) lets an offloaded step
+    (:mod:`tpu_plugin.layers.moe_offload`) serve the routed experts from its device cache.
+    """
+
+    moe_index: int | None = None
 
     def __init__(self, spec: MoESpec, dtype: jnp.dtype):
         from tpu_kernels.fused_moe.reference import ACTIVATIONS
@@ -161,19 +169,39 @@ class SparseMoeBlock(nnx.Module):
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Routing weights ``[T, k]`` (float32) and expert ids ``[T, k]`` for tokens ``x``."""
         bias = self.gate.e_score_correction_bias
-        return _route(x, self.gate.weight[...], None if bias is None else bias[...], self.spec)
+        override = moe_offload.router_override() if self.moe_index is not None else None
+        if override is not None:
+            override = functools.partial(override, self.moe_index)
+        return _route(
+            x, self.gate.weight[...], None if bias is None else bias[...], self.spec, override
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         bias = self.gate.e_score_correction_bias
-        out = _routed_experts(
-            x,
-            self.gate.weight[...],
-            None if bias is None else bias[...],
-            self.experts.gate_up_proj[...],
-            self.experts.down_proj[...],
-            spec=self.spec,
-            kernel=moe_kernel(),
-        )
+        offload = moe_offload.active() if self.moe_index is not None else None
+        if offload is not None:  # routed experts from the device expert cache
+            weights, ids = self.route(x)
+            out = offload.experts(self.moe_index, x, weights, ids, self.spec.activation)
+        elif moe_offload.router_override() is not None and self.moe_index is not None:
+            weights, ids = self.route(x)
+            out = moe_kernel()(
+                x,
+                weights,
+                ids,
+                self.experts.gate_up_proj[...],
+                self.experts.down_proj[...],
+                activation=self.spec.activation,
+            )
+        else:
+            out = _routed_experts(
+                x,
+                self.gate.weight[...],
+                None if bias is None else bias[...],
+                self.experts.gate_up_proj[...],
+                self.experts.down_proj[...],
+                spec=self.spec,
+                kernel=moe_kernel(),
+            )
         if self.spec.shared_intermediate_size:
             shared = getattr(self, self.spec.shared_name)(x)
             if self.spec.shared_gate:
@@ -190,12 +218,17 @@ def _router_logits(x: jax.Array, router: jax.Array) -> jax.Array:
 
 
 def _route(
-    x: jax.Array, router: jax.Array, bias: jax.Array | None, spec: MoESpec
+    x: jax.Array,
+    router: jax.Array,
+    bias: jax.Array | None,
+    spec: MoESpec,
+    override: Callable[[jax.Array], jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     from tpu_kernels.fused_moe.routing import select_experts
 
+    logits = _router_logits(x, router)
     return select_experts(
-        _router_logits(x, router),
+        logits if override is None else override(logits),
         spec.top_k,
         scoring=spec.scoring,
         renormalize=spec.renormalize,

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tpu_plugin.layers.attention import AttentionMetadata
-from tpu_plugin.layers.mla import LatentCache, MLAAttention, MLASpec
+from tpu_plugin.layers.mla import LatentCache, MLAAttention, MLASpec, page_row_width
 from tpu_plugin.layers.mlp import GatedMLP
 from tpu_plugin.layers.moe import MoESpec, SparseMoeBlock, expert_stacking_rules
 from tpu_plugin.layers.norm import RMSNorm
@@ -113,8 +113,9 @@ class DeepseekV3ForCausalLM(LlamaForCausalLM):
     @classmethod
     def kv_cache_layout(cls, cfg: Any) -> tuple[int, int, bool]:
         """``(num_kv_heads, head_dim, latent)`` of one layer's pages: MLA caches one head of
-        ``kv_lora_rank + qk_rope_head_dim`` values per token, with no separate V."""
-        return 1, cfg.kv_lora_rank + cfg.qk_rope_head_dim, True
+        ``kv_lora_rank + qk_rope_head_dim`` values per token, with no separate V, in rows
+        padded to whole TPU lanes (``mla.page_row_width``: 576 -> 640 for DeepSeek-V3)."""
+        return 1, page_row_width(cfg.kv_lora_rank + cfg.qk_rope_head_dim), True
 
     @classmethod
     def stacked_checkpoint_tensors(cls, cfg: Any) -> dict[str, tuple[str, int, int | None]]:

@@ -34,10 +34,13 @@ import glob
 import json
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
 from flax import nnx
 from safetensors import safe_open
 from vllm.logger import init_logger
@@ -107,7 +110,7 @@ def _cut(name: str, tensor: jax.Array, targets: list[tuple[str, int | None]]) ->
             f"({', '.join(t for t, _ in targets)}) need {sum(rows)}"
         )
     bounds = [sum(rows[:i]) for i in range(1, len(rows))]
-    return jnp.split(tensor, bounds, axis=0)
+    return (np if isinstance(tensor, np.ndarray) else jnp).split(tensor, bounds, axis=0)
 
 
 class _Stacker:
@@ -164,8 +167,10 @@ class _Stacker:
         if missing:
             shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
             raise CheckpointError(f"{target} cannot be assembled: the checkpoint lacks {shown}")
-        value = jnp.stack(
-            [jnp.concatenate([parts[(e, first)] for first, _ in rules]) for e in range(expected[0])]
+        # Parts read into host memory (``load_model``'s ``host``) are stacked there.
+        xp = np if isinstance(next(iter(parts.values())), np.ndarray) else jnp
+        value = xp.stack(
+            [xp.concatenate([parts[(e, first)] for first, _ in rules]) for e in range(expected[0])]
         )
         if tuple(value.shape) != expected:
             raise CheckpointError(
@@ -272,14 +277,51 @@ def checkpoint_renamer(names: list[str], wanted: set[str]) -> Any:
     return max(candidates, key=hits)  # the first best: plain names win ties
 
 
-def load_model(
-    model_dir: str, hf_config: Any, dtype: jnp.dtype, *, drop: tuple[str, ...] = ()
-) -> nnx.Module:
-    """The architecture's flax model with the checkpoint's weights, in ``dtype``.
+# safetensors dtype names -> NumPy dtypes (ml_dtypes, JAX's own, for the ones NumPy lacks).
+_HOST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64,
+    "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}  # fmt: skip
 
-    ``drop`` names top-level modules the caller never runs (a pooling model's ``lm_head``):
-    they are removed before loading, so the checkpoint need not have them.
-    """
+
+class HostReader:
+    """A safetensors file's tensors as NumPy arrays in host memory, for ``load_model``'s
+    ``host`` parameters. safetensors' own NumPy reader cannot return bfloat16 (NumPy has no
+    such type), the dtype of nearly every MoE checkpoint; this one maps the file and views the
+    bytes with ml_dtypes' types, so nothing passes through the device."""
+
+    def __init__(self, path: str):
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        self.header = header
+        self.data = np.memmap(path, np.uint8, mode="r", offset=8 + size)
+
+    def get_tensor(self, name: str) -> np.ndarray:
+        entry = self.header[name]
+        if entry["dtype"] not in _HOST_DTYPES:
+            raise CheckpointError(
+                f"{name} is {entry['dtype']}, which MoE offload cannot read into host memory"
+            )
+        begin, end = entry["data_offsets"]
+        raw = self.data[begin:end].view(_HOST_DTYPES[entry["dtype"]])
+        return raw.reshape(entry["shape"])  # a view of the map: load_model's astype copies
+
+
+def abstract_model(
+    hf_config: Any,
+    dtype: jnp.dtype,
+    *,
+    drop: tuple[str, ...] = (),
+    adapt: Callable[[nnx.Module], Any] | None = None,
+) -> nnx.Module:
+    """The architecture's flax model as shapes only (``nnx.eval_shape``), without the
+    top-level modules named in ``drop``: what :func:`load_model` fills, and what the TPU
+    planner (``tpu_plugin.tools.tpu_aot``) compiles with abstract parameters. ``adapt`` is
+    called with the model before it is made abstract (the planner's LoRA slots: the runner
+    adds them to the loaded model, runner/lora.py)."""
     model_class = resolve_model_class(list(hf_config.architectures or []))
 
     def build() -> nnx.Module:
@@ -287,9 +329,31 @@ def load_model(
         for name in drop:
             if getattr(model, name, None) is not None:
                 delattr(model, name)
+        if adapt is not None:
+            adapt(model)
         return model
 
-    abstract = nnx.eval_shape(build)
+    return nnx.eval_shape(build)
+
+
+def load_model(
+    model_dir: str,
+    hf_config: Any,
+    dtype: jnp.dtype,
+    *,
+    drop: tuple[str, ...] = (),
+    host: Callable[[str], bool] | None = None,
+) -> nnx.Module:
+    """The architecture's flax model with the checkpoint's weights, in ``dtype``.
+
+    ``drop`` names top-level modules the caller never runs (a pooling model's ``lm_head``):
+    they are removed before loading, so the checkpoint need not have them. Parameters whose
+    name ``host`` accepts are read into host memory as NumPy arrays and never touch the
+    device (MoE offload's routed experts, which may not fit there: runner/expert_cache.py).
+    """
+    on_host = host or (lambda name: False)
+    model_class = resolve_model_class(list(hf_config.architectures or []))
+    abstract = abstract_model(hf_config, dtype, drop=drop)
     graphdef, state = nnx.split(abstract)
     wanted = {_param_name(path): leaf for path, leaf in nnx.to_flat_state(state)}
     fused = model_class.fused_checkpoint_tensors(hf_config)
@@ -306,13 +370,15 @@ def load_model(
             names += list(reader.keys())  # noqa: SIM118 (safe_open is not a dict)
     rename = checkpoint_renamer(names, set(wanted) | set(fuser.part_of))
     for file in files:
+        host_reader = HostReader(file)
         with safe_open(file, framework="flax") as reader:
             for stored in reader.keys():  # noqa: SIM118 (safe_open is not a dict)
                 name = rename(stored)
                 hit = stacker.match(name)
                 if hit is not None and hit[0] in wanted:
                     expected = tuple(wanted[hit[0]].get_value().shape)
-                    tensor = reader.get_tensor(stored).astype(wanted[hit[0]].get_value().dtype)
+                    source = host_reader if on_host(hit[0]) else reader
+                    tensor = source.get_tensor(stored).astype(wanted[hit[0]].get_value().dtype)
                     stacker.add(name, tensor, hit, expected)
                     continue
                 targets = split_targets(name, fused)
@@ -320,7 +386,8 @@ def load_model(
                     if not name.endswith(_IGNORED_SUFFIXES):
                         unexpected.append(name)
                     continue
-                tensor = reader.get_tensor(stored)
+                source = host_reader if any(on_host(t) for t, _ in targets) else reader
+                tensor = source.get_tensor(stored)
                 for (target, _), part in zip(targets, _cut(name, tensor, targets), strict=True):
                     if fuser.take(target, part, wanted):
                         continue

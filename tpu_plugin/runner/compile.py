@@ -133,14 +133,15 @@ def logprobs_width(max_logprobs: int, vocab_size: int, requested: int = -1) -> i
 
 def runtime_sampler_flags(platform: str | None = None) -> bool:
     """Whether the sampler decides ``all_greedy`` / ``use_top_k_top_p`` at run time on
-    ``platform`` (JAX's platform name; default: this process's backend).
+    ``platform`` (JAX's platform name; default ``envs.target_platform()``: this process's
+    backend, or the TPU the planner compiles for).
 
     On the CPU a ``lax.cond`` costs nothing and every program costs seconds to compile, so one
     program per logprobs width serves all rows (4x fewer sampler programs). On GPU, XLA reads
     a conditional's predicate on the host, which would stall the asynchronous dispatch of
     every step; TPU and GPU keep one program per flag combination.
     """
-    return (platform or jax.default_backend()) == "cpu"
+    return (platform or envs.target_platform()) == "cpu"
 
 
 _RUNTIME_FLAGS = ("all_greedy", "use_top_k_top_p")
@@ -187,6 +188,79 @@ def sampler_variants(
     return list({json.dumps(v, sort_keys=True): v for v in variants}.values())
 
 
+class StartupProgram(NamedTuple):
+    """One program start-up precompiles: precompile.py compiles the list for this process's
+    devices, the TPU planner (tools/tpu_aot.py) the same list for a TPU topology."""
+
+    kind: str  # "forward", "sampler" or "record" (async scheduling's token recorder)
+    seqs: int  # sequence rows
+    bucket: StepBucket | None = None  # a forward's shapes
+    flags: dict[str, Any] | None = None  # a sampler's static flags
+    lora: bool = False  # a forward's LoRA version (--enable-lora: every bucket has both)
+
+    @property
+    def label(self) -> str:
+        if self.bucket is not None:
+            b = self.bucket
+            lora = " lora" if self.lora else ""
+            return f"forward tokens={b.tokens} seqs={b.seqs} pages={b.pages}{lora}"
+        if self.flags is not None:
+            return f"sample seqs={self.seqs} " + " ".join(f"{k}={v}" for k, v in self.flags.items())
+        return f"record_tokens seqs={self.seqs}"
+
+
+def startup_programs(runner: Any, platform: str | None = None) -> list[StartupProgram]:
+    """Every program start-up precompiles for ``runner``'s configuration, in order.
+
+    The forward of every :func:`step_buckets` bucket (page widths bucketed as the runner's
+    attention wants; with LoRA, ``runner.lora``, each bucket's LoRA version next to it), then
+    per sequence bucket, smallest first, every
+    :func:`sampler_variants` variant and, under async scheduling, the program that records
+    the sampled tokens (a pooling model's runner: the forwards only). ``platform``: the one
+    the programs are for (default ``envs.target_platform()``); it decides which sampler flags
+    are static.
+    """
+    buckets = step_buckets(
+        runner.scheduler_config.max_num_batched_tokens,
+        runner.max_num_seqs,
+        runner.max_model_len,
+        runner.block_size,
+        runner.bucket_page_widths,
+    )
+    variants = sampler_variants(
+        runner.model_config.max_logprobs,
+        runner.batch.vocab_size,
+        runner.model_config.logprobs_mode,
+        platform,
+    )
+    versions = (False, True) if getattr(runner, "lora", None) is not None else (False,)
+    programs = [
+        StartupProgram("forward", b.seqs, bucket=b, lora=lora) for b in buckets for lora in versions
+    ]
+    if getattr(runner, "pooling", None) is not None:  # pooling models sample nothing
+        return programs
+    for seqs in sorted({b.seqs for b in buckets}):
+        programs += [StartupProgram("sampler", seqs, flags=flags) for flags in variants]
+        # The config's, not runner.async_scheduling: the planner's runner never loads.
+        if runner.scheduler_config.async_scheduling:
+            programs.append(StartupProgram("record", seqs))
+    return programs
+
+
+def dummy_sampling_inputs(runner: Any, seqs: int) -> Any:
+    """Plain sampling inputs (host arrays) of ``seqs`` padded rows and no request: the
+    shapes the sampler programs of that sequence bucket are compiled for."""
+    from tpu_plugin.runner.inputs import HostStep
+
+    host = HostStep(
+        req_ids=[],
+        slots=np.zeros(0, np.int32),
+        completes_prompt=np.zeros(0, bool),
+        padded_num_seqs=seqs,
+    )
+    return runner._sampling_inputs(host)[0]
+
+
 def lower_forward(jitted: Any, params: Any, kv_caches: Any, step: Any) -> Any:
     """Traces and lowers ``jitted`` for ``step``'s shapes (nothing runs, nothing donated)."""
     return jitted.lower(params, kv_caches, step)
@@ -205,10 +279,17 @@ def enable_persistent_cache() -> None:
     logger.info("JAX compilation cache: %s", cache_dir)
 
 
-def dummy_step(bucket: StepBucket, num_pages: int, page_size: int, prev_tokens: Any = None) -> Any:
+def dummy_step(
+    bucket: StepBucket,
+    num_pages: int,
+    page_size: int,
+    prev_tokens: Any = None,
+    lora: bool = False,
+) -> Any:
     """A step of ``bucket``'s shapes and dtypes with no real token (every KV write dropped).
 
-    ``prev_tokens`` (async scheduling) adds the merge fields, every entry a no-op.
+    ``prev_tokens`` (async scheduling) adds the merge fields, every entry a no-op; ``lora``
+    the LoRA version's per-token adapter slots, every token -1 (no adapter).
     """
     from tpu_plugin.layers.attention import AttentionMetadata
     from tpu_plugin.runner.inputs import StepInputs
@@ -232,6 +313,7 @@ def dummy_step(bucket: StepBucket, num_pages: int, page_size: int, prev_tokens: 
             num_seqs=np.zeros(1, np.int32),
         ),
         logits_indices=np.zeros(seqs, np.int32),
+        lora_slots=np.full(tokens, -1, np.int32) if lora else None,
     )
     return jax.device_put(step)._replace(**merge)
 

@@ -26,6 +26,7 @@ from vllm.v1.outputs import (
 
 from tpu_plugin.layers.attention import page_table_width_bucketed
 from tpu_plugin.layers.lora import token_adapters
+from tpu_plugin.layers.moe_offload import map_kv_layers
 from tpu_plugin.models.loader import load_model, resolve_model_dir
 from tpu_plugin.models.registry import select_implementation
 from tpu_plugin.parallel import ShardingPlan, plan_for
@@ -40,6 +41,7 @@ from tpu_plugin.runner.compile import (
     runtime_sampler_flags,
     step_key,
 )
+from tpu_plugin.runner.expert_cache import ExpertOffload
 from tpu_plugin.runner.input_batch import InputBatch, RequestState
 from tpu_plugin.runner.inputs import (
     HostStep,
@@ -58,12 +60,16 @@ from tpu_plugin.runner.prompt_logprobs import (
 )
 from tpu_plugin.runner.sampler import GREEDY_EPS, SamplingInputs, to_host
 from tpu_plugin.runner.spec_decode import SpecDecoder, SpecPlan
+from tpu_plugin.startup import StartupError
 
 logger = init_logger(__name__)
 
 
 def jitted_forward(
-    graphdef: nnx.GraphDef, plan: ShardingPlan, pooling: PoolingRunner | None = None
+    graphdef: nnx.GraphDef,
+    plan: ShardingPlan,
+    pooling: PoolingRunner | None = None,
+    offload: ExpertOffload | None = None,
 ) -> Any:
     """The jitted step of a native model: ``(params, kv_caches, step) -> (kv_caches, logits)``.
 
@@ -71,7 +77,9 @@ def jitted_forward(
     (``tpu_plugin.tools.plan``) with abstract ones on a TPU topology: one definition, so
     what the planner compiles is what serving runs. The KV pages are donated (updated in
     place); the logits come back replicated over the mesh for the sampler. A pooling model's
-    step returns its pooled rows instead of logits (``pooling.py``).
+    step returns its pooled rows instead of logits (``pooling.py``). With MoE offload
+    (``expert_cache.py``) ``params`` also holds the host experts and ``kv_caches`` the device
+    expert cache, donated with the pages.
     """
 
     def forward(params: Any, kv_caches: list, step: StepInputs) -> tuple[list, Any]:
@@ -85,6 +93,8 @@ def jitted_forward(
             logits = model.compute_logits(hidden[step.logits_indices])
         return plan.constrain_kv(kv_caches), plan.logits(logits)
 
+    if offload is not None:  # routed experts from host memory (layers/moe_offload.py)
+        forward = offload.wrap(forward)
     return jax.jit(forward, donate_argnums=(1,))
 
 
@@ -126,6 +136,8 @@ class JaxModelRunner:
         self.pooling = (
             PoolingRunner(vllm_config) if self.model_config.runner_type == "pooling" else None
         )
+        # Modules never run, so never loaded (embedding checkpoints often have no lm_head).
+        self.unused_modules = ("lm_head",) if self.pooling else ()
         self.requests: dict[str, RequestState] = {}
         self.batch = InputBatch(
             self.max_num_seqs,
@@ -144,6 +156,7 @@ class JaxModelRunner:
         self._lazy = LazyCompiles()  # programs compiled while serving (logged once each)
         self.model: nnx.Module | None = None
         self.lora: LoRARunner | None = None  # --enable-lora (runner/lora.py)
+        self._offload: ExpertOffload | None = None
         # Page-table widths are bucketed only where attention's work grows with the width
         # (MLA's latent attention, layers/mla.py, and encoders' window, always do).
         encoder = self.pooling is not None and self.pooling.bidirectional
@@ -167,6 +180,11 @@ class JaxModelRunner:
             from tpu_plugin.models.torchax import load_torchax_model
 
             self.sharding_plan = getattr(self, "sharding_plan", None) or plan_for(self.vllm_config)
+            if ExpertOffload.for_runner(self, self.sharding_plan) is not None:
+                raise StartupError(
+                    "MoE offload runs the JAX ports only and this model runs through torchax; "
+                    "unset TPU_PLUGIN_MOE_OFFLOAD / --additional-config moe_offload"
+                )
             self.model, self.params, torchax_forward = load_torchax_model(
                 self.vllm_config, self.sharding_plan
             )
@@ -178,20 +196,27 @@ class JaxModelRunner:
             self._aot_forward, self._compiled = self._forward, {}
             logger.info("loaded %s (torchax) in %.1f s", model_dir, time.perf_counter() - start)
             return
-        drop = ("lm_head",) if self.pooling else ()  # embedding checkpoints often have none
-        self.model = load_model(model_dir, self.hf_config, self.dtype, drop=drop)
+        plan = getattr(self, "sharding_plan", None) or plan_for(self.vllm_config)
+        self.sharding_plan = plan
+        # MoE offload (expert_cache.py): routed experts loaded into host memory, not here.
+        offload = self._offload = ExpertOffload.for_runner(self, plan)
+        host = offload.is_routed_expert if offload else None
+        self.model = load_model(
+            model_dir, self.hf_config, self.dtype, drop=self.unused_modules, host=host
+        )
+        host_experts = offload.take_experts(self.model) if offload else None
         if self.vllm_config.lora_config is not None:  # adapter slots in the parameter tree
             self.lora = LoRARunner(self.vllm_config, self.model, self.dtype)
         graphdef, self.params = nnx.split(self.model)
         pooling = self.pooling
         # Tensor/expert parallelism: parameters onto the mesh (tpu_plugin/parallel/sharding.py).
-        plan = getattr(self, "sharding_plan", None) or plan_for(self.vllm_config)
-        self.sharding_plan = plan
         self.params = plan.shard_params(self.params)
         if self.lora is not None:
             self.lora.bind(self.params)
+        if offload:
+            self.params = (self.params, host_experts)
 
-        self._forward = jitted_forward(graphdef, plan, pooling)
+        self._forward = jitted_forward(graphdef, plan, pooling, offload)
         # Precompiled forward programs by step shape (precompile.precompile); Ray's wrapper below
         # converts inputs, so multi-process runs compile on first use instead.
         self._aot_forward = None if plan.multi_process else self._forward
@@ -226,6 +251,8 @@ class JaxModelRunner:
             sharding=self.sharding_plan.kv_sharding,
             latent=self.latent_kv,
         )
+        if self._offload is not None:  # the device expert cache rides with the pages
+            self.kv_caches = self._offload.attach(self.kv_caches)
         self.num_pages = config.num_blocks
         logger.info("KV cache: %d pages of %d tokens per layer", self.num_pages, self.block_size)
 
@@ -242,7 +269,10 @@ class JaxModelRunner:
         for req_id in [r for r in self.batch.req_id_to_slot if r not in scheduled]:
             self.batch.remove(req_id)  # paused or preempted: state kept, slot freed
         if so.kv_cache_block_copies:
-            self.kv_caches = kv_cache.copy_blocks(self.kv_caches, so.kv_cache_block_copies)
+            copies = so.kv_cache_block_copies
+            self.kv_caches = map_kv_layers(
+                self.kv_caches, lambda pages: kv_cache.copy_blocks(pages, copies)
+            )
 
         for new in so.scheduled_new_reqs:
             if new.prompt_token_ids is None or (
@@ -299,6 +329,8 @@ class JaxModelRunner:
         if self.lora is not None:  # each token's adapter slot
             scheduled = [so.num_scheduled_tokens[r] for r in req_ids]
             step = self.lora.step_slots(step, req_ids, scheduled)
+        if self._offload is not None:  # the step's rows -> batch slots, for the histories
+            self.kv_caches = self._offload.prepare(self.kv_caches, host)
         if self.pooling is not None:  # embeddings: no sampling step follows
             return self._pool(step, host, [so.num_scheduled_tokens[r] for r in req_ids])
         if self.async_scheduling:

@@ -35,15 +35,15 @@ import numpy as np
 from vllm.logger import init_logger
 
 from tpu_plugin.runner.compile import (
+    StartupProgram,
     StepBucket,
+    dummy_sampling_inputs,
     dummy_step,
     lower_forward,
     sampler_key,
-    sampler_variants,
-    step_buckets,
+    startup_programs,
     step_key,
 )
-from tpu_plugin.runner.lora import step_variants
 
 logger = init_logger(f"vllm.{__name__}")
 
@@ -192,24 +192,12 @@ def precompile(runner: Any) -> float:
     """
     from tpu_plugin.runner.executable_cache import ExecutableCache, jax_cache_bypassed
 
-    sched = runner.scheduler_config
-    buckets = step_buckets(
-        sched.max_num_batched_tokens,
-        runner.max_num_seqs,
-        runner.max_model_len,
-        runner.block_size,
-        runner.bucket_page_widths,
-    )
-    variants = sampler_variants(
-        runner.model_config.max_logprobs,
-        runner.batch.vocab_size,
-        runner.model_config.logprobs_mode,
-    )
+    programs = startup_programs(runner)
+    buckets = [p.bucket for p in programs if p.bucket is not None and not p.lora]
+    samplers = sum(p.kind == "sampler" for p in programs)
     seq_buckets = sorted({b.seqs for b in buckets})
-    if getattr(runner, "pooling", None) is not None:  # pooling models sample nothing
-        variants, seq_buckets = [], []
     workers = compile_workers()
-    forward_variants = 2 if runner.lora is not None else 1  # base and LoRA (step_variants)
+    forward_variants = 2 if runner.lora is not None else 1  # base and LoRA (startup_programs)
     logger.info(
         "precompiling %d forward buckets x %d (tokens %d..%d, %d sequence buckets, page widths "
         "%d..%d) and %d sampler variants x %d sequence buckets; %d compile thread(s)",
@@ -220,15 +208,15 @@ def precompile(runner: Any) -> float:
         len(seq_buckets),
         min(b.pages for b in buckets),
         max(b.pages for b in buckets),
-        len(variants),
+        samplers // len(seq_buckets),
         len(seq_buckets),
         workers,
     )
     start = time.perf_counter()
     cache = runner._executable_cache = ExecutableCache.for_runner(runner)
     runner._compiled_samplers = {}
-    num_forward = len(buckets) * forward_variants
-    progress = Progress({"forward": num_forward, "sampler": len(seq_buckets) * len(variants)})
+    num_forward = sum(p.bucket is not None for p in programs)  # LoRA versions included
+    progress = Progress({"forward": num_forward, "sampler": samplers})
     pool = CompilePool(workers)
     stopping = threading.Event()
 
@@ -243,7 +231,7 @@ def precompile(runner: Any) -> float:
             jax_cache_bypassed() if cache is not None else contextlib.nullcontext(),
             stop_on_signals(stop),
         ):
-            token_ids = _build_programs(runner, buckets, variants, cache, pool, progress, stopping)
+            token_ids = _build_programs(runner, programs, cache, pool, progress, stopping)
         _record_token_programs(runner, token_ids)
     finally:
         pool.close()
@@ -270,17 +258,16 @@ def precompile(runner: Any) -> float:
 
 def _build_programs(
     runner: Any,
-    buckets: list[StepBucket],
-    variants: list[dict],
+    programs: list[StartupProgram],
     cache: Any,
     pool: CompilePool,
     progress: Progress,
     stopping: threading.Event,
 ) -> dict[int, jax.Array]:
-    """Submits every program, fills the runner's program tables, and returns the async
-    token-record inputs (sampled ids per sequence bucket; empty when scheduling is sync)."""
+    """Submits every program of ``programs`` (``compile.startup_programs``), fills the
+    runner's program tables, and returns the async token-record inputs (sampled ids per
+    sequence bucket; empty when scheduling is sync)."""
     from tpu_plugin.runner.executable_cache import describe
-    from tpu_plugin.runner.inputs import HostStep
     from tpu_plugin.runner.sampler import sample
 
     prev_tokens = runner._last_tokens if runner.async_scheduling else None
@@ -317,36 +304,39 @@ def _build_programs(
             cache.load(key, args)  # counts the miss
         return pool.submit(compile_and_store, kind, lower_locked(lower, args), key)
 
-    def make_step(bucket: StepBucket) -> Any:
-        return dummy_step(bucket, runner.num_pages, runner.block_size, prev_tokens)
+    def make_step(bucket: StepBucket, lora: bool = False) -> Any:
+        return dummy_step(bucket, runner.num_pages, runner.block_size, prev_tokens, lora)
 
     forwards = {}
-    for bucket in buckets:
-        for step in step_variants(make_step(bucket), runner.lora is not None):
-            args = (runner.params, runner.kv_caches, step)
-            lower = functools.partial(lower_forward, runner._aot_forward)
-            forwards[step_key(step)] = program("forward", (shared, describe(step)), args, lower)
-    samplers, token_ids = {}, {}
-    for seqs in sorted({b.seqs for b in buckets}) if variants else []:
-        # A real forward's logits: the sampler programs are built for exactly its output.
-        step = make_step(next(b for b in buckets if b.seqs == seqs))
-        forward = forwards[step_key(step)].result()
-        runner.kv_caches, logits = forward(runner.params, runner.kv_caches, step)
-        host = HostStep(
-            req_ids=[],
-            slots=np.zeros(0, np.int32),
-            completes_prompt=np.zeros(0, bool),
-            padded_num_seqs=seqs,
-        )
-        inputs = jax.device_put(runner._sampling_inputs(host)[0])
-        described = describe((logits, inputs)) if cache is not None else ""
-        for flags in variants:
-            lower = functools.partial(sample.lower, **flags)
-            parts = (described, json.dumps(flags, sort_keys=True))
-            key = sampler_key(logits, inputs, flags)
-            samplers[key] = program("sampler", parts, (logits, inputs), lower)
-        if prev_tokens is not None:  # async: sampled ids to copy into their slots
-            token_ids[seqs] = samplers[key].result()(logits, inputs).token_ids
+    for item in programs:
+        if item.bucket is None:
+            continue
+        step = make_step(item.bucket, item.lora)
+        args = (runner.params, runner.kv_caches, step)
+        lower = functools.partial(lower_forward, runner._aot_forward)
+        forwards[step_key(step)] = program("forward", (shared, describe(step)), args, lower)
+    samplers, token_ids, sampling, last_sampler = {}, {}, {}, {}
+    for item in programs:
+        if item.bucket is not None:
+            continue
+        seqs = item.seqs
+        if seqs not in sampling:
+            # A real forward's logits: the sampler programs are built for exactly its output.
+            bucket = next(p.bucket for p in programs if p.bucket is not None and p.seqs == seqs)
+            step = make_step(bucket)
+            forward = forwards[step_key(step)].result()
+            runner.kv_caches, logits = forward(runner.params, runner.kv_caches, step)
+            inputs = jax.device_put(dummy_sampling_inputs(runner, seqs))
+            described = describe((logits, inputs)) if cache is not None else ""
+            sampling[seqs] = (logits, inputs, described)
+        logits, inputs, described = sampling[seqs]
+        if item.kind == "sampler":
+            lower = functools.partial(sample.lower, **item.flags)
+            parts = (described, json.dumps(item.flags, sort_keys=True))
+            key = sampler_key(logits, inputs, item.flags)
+            samplers[key] = last_sampler[seqs] = program("sampler", parts, (logits, inputs), lower)
+        elif prev_tokens is not None:  # "record" (async): sampled ids to copy into slots
+            token_ids[seqs] = last_sampler[seqs].result()(logits, inputs).token_ids
     for shape, future in forwards.items():
         runner._compiled[shape] = future.result()
     for key, future in samplers.items():

@@ -15,12 +15,13 @@ the TPU compiler in libtpu (Pallas kernels in Mosaic). The report:
 - per-device HBM: weights, KV pages (as many as vLLM's own KV planner gives the budget the
   worker computes: ``--gpu-memory-utilization`` x HBM - weights) and the largest program's
   temporaries, against the chip's capacity; how many KV tokens that is;
-- decode step time and tokens/s at batch 1 / 32 / 128: a roofline of the compiled decode
-  programs (forward at the context's page width, then the sampler): the larger of
-  bytes accessed / HBM bandwidth and FLOPs / peak bf16 FLOP/s, from XLA's cost analysis (the
-  attention kernel's own cost estimate adds the pages it reads; a copy of the pages that XLA
-  makes shows up as bytes moved). Collectives and kernel inefficiency are not in it: a
-  ceiling, not a measurement.
+- decode step time and tokens/s at batch 1 / 32 / 128, two ways (:class:`Estimate`): a
+  roofline of the compiled decode programs (forward at the context's page width, then the
+  sampler): the larger of bytes accessed / HBM bandwidth and FLOPs / peak bf16 FLOP/s, from
+  XLA's cost analysis (the attention kernel's own cost estimate adds the pages it reads; a
+  copy of the pages that XLA makes shows up as bytes moved); and the hand roofline, weights
+  plus KV pages read once over the bandwidth. Collectives and kernel inefficiency are in
+  neither: estimates, not measurements.
 
 Chip figures and their sources: :mod:`tpu_plugin.tools.tpu_specs`.
 """
@@ -45,17 +46,32 @@ DEFAULT_CONTEXT = 1024
 
 @dataclasses.dataclass
 class Estimate:
-    """Decode at ``batch`` sequences of ``context`` tokens each."""
+    """Decode at ``batch`` sequences of ``context`` tokens each, two ways.
+
+    ``seconds``: the compiled decode programs' cost analysis (forward and sampler), the larger
+    of bytes accessed / HBM bandwidth and FLOPs / peak. XLA sums the operand and result bytes
+    of every op, on-chip copies included (weights prefetched into VMEM are counted when
+    copied and again when read), so this is an upper bound on the traffic. ``hand_seconds``:
+    the weights plus the KV pages the batch reads, once each, over the HBM bandwidth: the
+    floor every decode step pays. Neither counts collectives or kernel inefficiency.
+    """
 
     batch: int
     seconds: float
     bound: str  # "HBM" or "compute"
     kv_fits: bool
-    bytes_moved: float = 0.0  # per device, forward and sampler
+    bytes_moved: float = 0.0  # per device, forward and sampler, as XLA counts them
+    hand_bytes: float = 0.0  # per device: weights + batch x context x KV bytes per token
 
     @property
     def tokens_per_s(self) -> float:
         return self.batch / self.seconds
+
+    def hand_seconds(self, spec: Any) -> float:
+        return self.hand_bytes / spec.hbm_bytes_per_s
+
+    def hand_tokens_per_s(self, spec: Any) -> float:
+        return self.batch / self.hand_seconds(spec)
 
 
 @dataclasses.dataclass
@@ -84,6 +100,7 @@ class PlanResult:
     seconds: float
     context: int
     estimates: list[Estimate]
+    host_bytes: int = 0  # MoE offload's routed experts, in host memory
 
     @property
     def failed(self) -> list[Any]:
@@ -127,22 +144,31 @@ def _wanted(
     seqs = {p.seqs for p in forwards if id(p) in keep}
     first_sampler = {}
     for p in programs:
-        if p.kind == "sample" and p.seqs in seqs:
+        if p.kind == "sampler" and p.seqs in seqs:
             first_sampler.setdefault(p.seqs, p)
     keep |= {id(p) for p in first_sampler.values()}
     return [p for p in programs if id(p) in keep]
 
 
-def _roofline(compiled: Any, spec: Any, kv_bytes: int) -> tuple[float, str]:
+def _roofline(compiled: Any, spec: Any) -> tuple[float, str]:
     """Seconds of one program on one device: bytes over bandwidth or FLOPs over peak."""
     memory = compiled.bytes_accessed / spec.hbm_bytes_per_s
     compute = compiled.flops / spec.bf16_flops_per_s
     return max(memory, compute), "HBM" if memory >= compute else "compute"
 
 
-def estimates(result_compiled: list[Any], runner: Any, spec: Any, kv_bytes: int,
-              kv_tokens: int, context: int, batches: Sequence[int]) -> list[Estimate]:  # fmt: skip
-    """Decode step estimates at ``batches`` from the compiled decode programs."""
+def estimates(
+    result_compiled: list[Any],
+    runner: Any,
+    spec: Any,
+    weight_bytes: int,
+    kv_bytes_per_token: float,
+    kv_tokens: int,
+    context: int,
+    batches: Sequence[int],
+) -> list[Estimate]:
+    """Decode step estimates at ``batches`` from the compiled decode programs (:class:`Estimate`);
+    ``kv_bytes_per_token``: one device's KV bytes per cached token, all layers."""
     out = []
     for batch in batches:
         if batch > runner.max_num_seqs:
@@ -155,18 +181,19 @@ def estimates(result_compiled: list[Any], runner: Any, spec: Any, kv_bytes: int,
             (
                 c
                 for c in result_compiled
-                if c.error is None and c.program.kind == "sample" and c.program.seqs == bucket.seqs
+                if c.error is None and c.program.kind == "sampler" and c.program.seqs == bucket.seqs
             ),
             None,
         )
         if forward is None:
             continue
-        seconds, bound = _roofline(forward, spec, kv_bytes)
+        seconds, bound = _roofline(forward, spec)
         moved = forward.bytes_accessed
         if sampler is not None:
-            seconds += _roofline(sampler, spec, kv_bytes)[0]
+            seconds += _roofline(sampler, spec)[0]
             moved += sampler.bytes_accessed
-        out.append(Estimate(batch, seconds, bound, batch * context <= kv_tokens, moved))
+        hand = weight_bytes + batch * context * kv_bytes_per_token
+        out.append(Estimate(batch, seconds, bound, batch * context <= kv_tokens, moved, hand))
     return out
 
 
@@ -253,7 +280,20 @@ def plan(
         total_programs=len(programs),
         seconds=time.perf_counter() - start,
         context=context,
-        estimates=estimates(compiled, runner, spec, kv_bytes, kv_tokens, context, batches),
+        # A pooling model (--runner pooling) runs prefill steps only: no decode to estimate.
+        estimates=[]
+        if getattr(runner, "pooling", None) is not None
+        else estimates(
+            compiled,
+            runner,
+            spec,
+            weights,
+            kv_bytes / (blocks * runner.block_size),
+            kv_tokens,
+            context,
+            batches,
+        ),
+        host_bytes=engine.host_bytes,
     )
 
 
@@ -315,10 +355,14 @@ def format_report(result: PlanResult, *, programs: bool = True) -> str:
         "",
         f"| per device | of {_gib(spec.hbm_bytes)} |",
         "|---|---|",
-        f"| weights | {_gib(result.weight_bytes)} |",
+        f"| weights | {_gib(result.weight_bytes)}"
+        + (" (with MoE offload's device expert cache)" if result.host_bytes else "")
+        + " |",
         f"| KV pages | {_gib(result.kv_bytes)}: {result.kv_blocks} pages x {result.block_size} "
         f"tokens = {result.kv_tokens:,} KV tokens |",
     ]
+    if result.host_bytes:
+        lines.append(f"| routed experts in host memory (MoE offload) | {_gib(result.host_bytes)} |")
     if largest is not None:
         temp = f"{largest.temp_bytes / 2**20:.0f} MiB"
         lines.append(f"| largest temporaries | {temp} ({largest.program.label}) |")
@@ -329,21 +373,27 @@ def format_report(result: PlanResult, *, programs: bool = True) -> str:
     )
     if result.kv_note:
         lines += ["", f"Does not fit: {result.kv_note}."]
+    if o.runner == "pooling":
+        lines += ["", "No decode estimate: a pooling model runs prefill steps only."]
     if result.estimates:
+        per = " per engine" if engines > 1 else ""
         lines += [
             "",
-            f"Decode estimate, {result.context} tokens of context per sequence (roofline of "
-            "the compiled programs' cost analysis):",
+            f"Decode estimate, {result.context} tokens of context per sequence: XLA's cost "
+            "analysis of the compiled decode programs (an upper bound: it counts on-chip "
+            "copies too), and the hand roofline (weights + the KV pages read, once each, "
+            "over the HBM bandwidth: the floor). No collectives in either.",
             "",
-            "| batch | step ms | tokens/s"
-            + (" per engine" if engines > 1 else "")
-            + " | GB moved per device | bound | KV holds the batch |",
-            "|---|---|---|---|---|---|",
+            f"| batch | cost analysis: step ms | tokens/s{per} | GB moved per device | bound "
+            f"| hand roofline: step ms | tokens/s{per} | GB per device | KV holds the batch |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for e in result.estimates:
             lines.append(
                 f"| {e.batch} | {e.seconds * 1e3:.2f} | {e.tokens_per_s:,.0f} | "
-                f"{e.bytes_moved / 1e9:.1f} | {e.bound} | {'yes' if e.kv_fits else 'no'} |"
+                f"{e.bytes_moved / 1e9:.1f} | {e.bound} | {e.hand_seconds(spec) * 1e3:.2f} | "
+                f"{e.hand_tokens_per_s(spec):,.0f} | {e.hand_bytes / 1e9:.1f} | "
+                f"{'yes' if e.kv_fits else 'no'} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -367,6 +417,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--enable-lora", action="store_true", help="also the LoRA programs")
     parser.add_argument("--max-loras", type=int)
     parser.add_argument("--max-lora-rank", type=int)
+    parser.add_argument(
+        "--runner", choices=("generate", "pooling"), help="vLLM's --runner (pooling: embeddings)"
+    )
     parser.add_argument(
         "--context", type=int, default=DEFAULT_CONTEXT, help="tokens per sequence in the estimate"
     )
@@ -413,6 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         enable_lora=args.enable_lora,
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
+        runner=args.runner,
     )
     try:
         result = plan(

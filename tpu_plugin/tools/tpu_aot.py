@@ -5,9 +5,9 @@ libtpu carries the TPU compiler, and JAX compiles for abstract TPU devices
 engine's own runner (``JaxModelRunner``, built from a real ``VllmConfig``) with its
 parameters and KV pages replaced by ``jax.ShapeDtypeStruct`` carrying the real shardings on a
 mesh of the topology's devices; its forward is the runner's (``model_runner.jitted_forward``),
-its program list that of start-up precompilation (``compile.step_buckets``,
-``compile.sampler_variants``, ``compile.dummy_step``: every forward bucket, every sampler
-variant per sequence bucket, the async token-recording program). Nothing is loaded and nothing
+its program list start-up precompilation's own (``compile.startup_programs``: every
+forward bucket, every sampler variant per sequence bucket, the async token-recording
+program), with the TPU's static sampler flags. Nothing is loaded and nothing
 runs: each program is lowered and compiled, with the Pallas TPU kernels (Mosaic, never
 interpret mode), and the compiled program's memory and cost analyses are kept.
 
@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from tpu_plugin import envs
+from tpu_plugin.layers.moe_offload import OffloadedCaches
 
 # Single-chip topologies the TPU runtime refuses ("v5e:1x1" is not divisible by the host's
 # 2x2 chip bounds): the chips are taken from the smallest topology that has them.
@@ -65,6 +66,7 @@ def topology_devices(name: str) -> list[Any]:
         raise ValueError(f"topology {name!r} is not GENERATION:AxB[xC] (e.g. v6e:2x4)")
     single = int(np.prod([int(d) for d in shape.split("x")])) == 1
     host = _HOST_TOPOLOGY.get(generation) if single else None
+    envs.share_libtpu()  # before libtpu loads: concurrent planners must not lock each other out
     with _quiet_stderr():
         try:
             topology = topologies.get_topology_desc(
@@ -99,6 +101,7 @@ class EngineOptions:
     enable_lora: bool = False  # adds each forward's LoRA variant (runner/lora.py)
     max_loras: int | None = None
     max_lora_rank: int | None = None
+    runner: str | None = None  # "generate" or "pooling" (vLLM's --runner)
 
 
 def model_directory(model: str) -> str:
@@ -130,14 +133,33 @@ def engine_config(options: EngineOptions) -> Any:
 
 @dataclasses.dataclass
 class Program:
-    """One program start-up compiles: what it is and how to lower it."""
+    """One program start-up compiles (``compile.startup_programs``) and how to lower it."""
 
-    kind: str  # "forward", "sample" or "record"
-    label: str
+    item: Any  # compile.StartupProgram
     lower: Callable[[], Any]
-    bucket: Any = None  # compile.StepBucket of a forward
-    seqs: int = 0  # sequence rows
-    flags: dict[str, Any] | None = None  # a sampler's static flags
+
+    @property
+    def kind(self) -> str:
+        """ "forward", "sampler" or "record"."""
+        return self.item.kind
+
+    @property
+    def label(self) -> str:
+        return self.item.label
+
+    @property
+    def bucket(self) -> Any:
+        """A forward's compile.StepBucket (None for the others)."""
+        return self.item.bucket
+
+    @property
+    def seqs(self) -> int:
+        return self.item.seqs
+
+    @property
+    def flags(self) -> dict[str, Any] | None:
+        """A sampler's static flags."""
+        return self.item.flags
 
 
 @dataclasses.dataclass
@@ -174,10 +196,14 @@ def _abstract(tree: Any, sharding: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
-def _shard_bytes(tree: Any) -> int:
-    """Bytes one device holds of ``tree``'s ``ShapeDtypeStruct`` leaves (their shardings)."""
+def _shard_bytes(tree: Any, host: bool = False) -> int:
+    """Bytes one device holds of ``tree``'s ``ShapeDtypeStruct`` leaves (their shardings) in
+    its own memory, or with ``host`` in host memory (MoE offload's experts)."""
     total = 0
     for leaf in jax.tree.leaves(tree):
+        kind = getattr(leaf.sharding, "memory_kind", None)
+        if (kind is not None and "host" in kind) != host:
+            continue
         shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
         total += int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
     return total
@@ -188,9 +214,10 @@ class AbstractEngine:
     ``tensor_parallel_size`` devices) with abstract parameters; KV pages via :meth:`set_kv`."""
 
     def __init__(self, vllm_config: Any, devices: list[Any]):
-        from tpu_plugin.models.registry import resolve_model_class
+        from tpu_plugin.models.loader import abstract_model
         from tpu_plugin.parallel import ShardingPlan
         from tpu_plugin.parallel.mesh import build_mesh, layout_from
+        from tpu_plugin.runner.expert_cache import ExpertOffload
         from tpu_plugin.runner.model_runner import JaxModelRunner, jitted_forward
 
         self.vllm_config = vllm_config
@@ -206,32 +233,46 @@ class AbstractEngine:
         layout = layout_from(runner.hf_config, tp, bool(parallel.enable_expert_parallel))
         self.plan = ShardingPlan(build_mesh(tp, devices), layout)
         runner.sharding_plan = self.plan
-        model_class = resolve_model_class(list(runner.model_config.architectures or []))
+        adapt = None
+        if vllm_config.lora_config is not None:  # the adapter slots, as the runner adds
 
-        def build() -> nnx.Module:
-            model = model_class(runner.hf_config, runner.dtype)
-            if vllm_config.lora_config is not None:  # the adapter slots, as the runner adds
+            def adapt(model: nnx.Module) -> None:
                 from tpu_plugin.runner.lora import LoRARunner
 
                 runner.lora = LoRARunner(vllm_config, model, runner.dtype)
-            return model
 
-        abstract = nnx.eval_shape(build)
+        abstract = abstract_model(
+            runner.hf_config, runner.dtype, drop=runner.unused_modules, adapt=adapt
+        )
+        # MoE offload (runner/expert_cache.py): routed experts in host memory, a device cache.
+        self.offload = ExpertOffload.for_runner(runner, self.plan)
+        host = self.offload.abstract(abstract) if self.offload else None
         graphdef, state = nnx.split(abstract)
         self.params = self.plan.abstract_params(state)
-        self.forward = jitted_forward(graphdef, self.plan)
+        if self.offload:
+            self.params = (self.params, host)
+        # A pooling model's forward returns its pooled rows (runner/pooling.py), as served.
+        self.forward = jitted_forward(graphdef, self.plan, runner.pooling, self.offload)
         self.kv_caches: list = []
         self.num_blocks = 0
 
     @property
     def weight_bytes(self) -> int:
-        """Parameter bytes on one device."""
-        return _shard_bytes(self.params)
+        """Parameter bytes on one device, with MoE offload's device expert cache (allocated
+        before the KV pages, as the runner does)."""
+        cache = self.offload.cache if self.offload else None
+        return _shard_bytes(self.params) + _shard_bytes(cache)
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes in host memory (MoE offload's routed experts)."""
+        return _shard_bytes(self.params, host=True)
 
     @property
     def kv_bytes(self) -> int:
         """KV page bytes on one device."""
-        return _shard_bytes(self.kv_caches)
+        caches = self.kv_caches
+        return _shard_bytes(caches.layers if isinstance(caches, OffloadedCaches) else caches)
 
     def kv_shards(self) -> int:
         """Into how many parts the pages are split across the engine's devices."""
@@ -268,6 +309,8 @@ class AbstractEngine:
             runner.dtype,
             self.plan.kv_sharding,
         )
+        if self.offload:  # the device expert cache rides with the pages (weight_bytes has it)
+            self.kv_caches = OffloadedCaches(self.kv_caches, self.offload.cache)
         self.num_blocks = runner.num_pages = num_blocks
 
     def _lowering(self, lower: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[[], Any]:
@@ -281,62 +324,45 @@ class AbstractEngine:
         return run
 
     def programs(self) -> list[Program]:
-        """Every program start-up precompilation compiles, in its order (``compile.precompile``)."""
-        from tpu_plugin.runner import compile as buckets_of
+        """Every program start-up precompilation compiles, in its order, with TPU sampler
+        flags (``compile.startup_programs``, the list ``precompile.precompile`` runs)."""
+        from tpu_plugin.runner import compile as compile_
         from tpu_plugin.runner.async_output import record_tokens
-        from tpu_plugin.runner.inputs import HostStep
-        from tpu_plugin.runner.lora import step_variants
         from tpu_plugin.runner.sampler import sample
 
         runner, replicated = self.runner, self.plan.replicated
         if not self.kv_caches:
             raise ValueError("set_kv() first: the programs take the KV pages")
-        sched = runner.scheduler_config
-        steps = buckets_of.step_buckets(
-            sched.max_num_batched_tokens,
-            runner.max_num_seqs,
-            runner.max_model_len,
-            runner.block_size,
+        prev = (
+            np.zeros(runner.max_num_seqs, np.int32)
+            if runner.scheduler_config.async_scheduling
+            else None
         )
-        variants = buckets_of.sampler_variants(
-            runner.model_config.max_logprobs,
-            runner.batch.vocab_size,
-            runner.model_config.logprobs_mode,
-            platform="tpu",
-        )
-        async_scheduling = bool(sched.async_scheduling)
-        prev = np.zeros(runner.max_num_seqs, np.int32) if async_scheduling else None
-        programs, logits_of = [], {}
-        for bucket in steps:
-            dummy = buckets_of.dummy_step(bucket, self.num_blocks, runner.block_size, prev)
-            for variant in step_variants(dummy, runner.lora is not None):
-                step = _abstract(variant, replicated)
-                lower = self._lowering(self.forward.lower, self.params, self.kv_caches, step)
-                label = f"forward tokens={bucket.tokens} seqs={bucket.seqs} pages={bucket.pages}"
-                label += " lora" if variant.lora_slots is not None else ""
-                programs.append(Program("forward", label, lower, bucket=bucket, seqs=bucket.seqs))
-            vocab = runner.batch.vocab_size
-            logits_of.setdefault(
-                bucket.seqs,
-                jax.ShapeDtypeStruct((bucket.seqs, vocab), np.float32, sharding=replicated),
-            )
-        for seqs, logits in logits_of.items():
-            host = HostStep(
-                req_ids=[],
-                slots=np.zeros(0, np.int32),
-                completes_prompt=np.zeros(0, bool),
-                padded_num_seqs=seqs,
-            )
-            inputs = _abstract(runner._sampling_inputs(host)[0], replicated)
-            for flags in variants:
-                lower = self._lowering(sample.lower, logits, inputs, **flags)
-                label = f"sample seqs={seqs} " + " ".join(f"{k}={v}" for k, v in flags.items())
-                programs.append(Program("sample", label, lower, seqs=seqs, flags=dict(flags)))
-            if async_scheduling:
+        vocab = runner.batch.vocab_size
+        programs = []
+        for item in compile_.startup_programs(runner, platform="tpu"):
+            seqs = item.seqs
+            if item.bucket is not None:
+                step = compile_.dummy_step(
+                    item.bucket, self.num_blocks, runner.block_size, prev, item.lora
+                )
+                args = (
+                    self.forward.lower,
+                    self.params,
+                    self.kv_caches,
+                    _abstract(step, replicated),
+                )
+                programs.append(Program(item, self._lowering(*args)))
+                continue
+            if item.kind == "sampler":
+                logits = jax.ShapeDtypeStruct((seqs, vocab), np.float32, sharding=replicated)
+                inputs = _abstract(compile_.dummy_sampling_inputs(runner, seqs), replicated)
+                lower = self._lowering(sample.lower, logits, inputs, **item.flags)
+            else:  # "record": the sampled ids of ``seqs`` rows into the slots' table
                 table = jax.ShapeDtypeStruct((runner.max_num_seqs,), np.int32, sharding=replicated)
                 rows = jax.ShapeDtypeStruct((seqs,), np.int32, sharding=replicated)
                 lower = self._lowering(record_tokens.lower, table, rows, rows)
-                programs.append(Program("record", f"record_tokens seqs={seqs}", lower, seqs=seqs))
+            programs.append(Program(item, lower))
         return programs
 
 
@@ -371,13 +397,15 @@ def compile_program(program: Program) -> Compiled:
 
 @contextlib.contextmanager
 def tpu_kernels() -> Iterator[None]:
-    """The kernels a TPU host runs (Mosaic ragged paged attention and fused MoE), chosen
-    while compiling from this host, whose own JAX backend is a CPU; the choice before is
-    restored after (the tests run CPU engines in the same process)."""
+    """Builds for a TPU host from this host, whose own JAX backend is a CPU: every choice a
+    TPU host makes from its backend (``envs.target_platform``: the kernels, the sampler's
+    static flags, the page-table widths) is the TPU's, with the Mosaic ragged paged attention
+    and fused-MoE kernels; the choices before are restored after (the tests run CPU engines
+    in the same process)."""
     from tpu_plugin.layers.attention import attention_kernel
     from tpu_plugin.layers.moe import moe_kernel
 
-    with envs.kernel_override(attention="pallas", moe="pallas"):
+    with envs.compile_for("tpu"), envs.kernel_override(attention="pallas", moe="pallas"):
         attention_kernel.cache_clear()
         moe_kernel.cache_clear()
         try:
