@@ -131,7 +131,9 @@ def write_checkpoint(path: str, config) -> int:
             k: v.shape for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()
         }
     total, shard, shard_bytes, index = 0, {}, 0, {}
-    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    # bench_lora.py writes its checkpoint on a machine without CUDA too
+    device = DEVICE if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=device).manual_seed(0)
 
     def flush(n: int) -> None:
         name = f"model-{n:05d}.safetensors"
@@ -144,7 +146,7 @@ def write_checkpoint(path: str, config) -> int:
             t = torch.ones(shape, dtype=torch.bfloat16)
         else:
             t = (
-                torch.randn(shape, generator=gen, device=DEVICE, dtype=torch.bfloat16) * 0.02
+                torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16) * 0.02
             ).cpu()
         shard[key] = t
         shard_bytes += t.numel() * 2

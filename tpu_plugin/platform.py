@@ -259,8 +259,14 @@ class TpuPluginPlatform(Platform):
                     "(drafts are proposed from the host copy of each step's tokens)"
                 )
                 vllm_config.scheduler_config.async_scheduling = False
-        if vllm_config.lora_config is not None:
-            raise ValueError("tpu-plugin does not support LoRA yet; drop --enable-lora")
+        if vllm_config.lora_config is not None:  # tpu_plugin/runner/lora.py
+            from tpu_plugin.runner.lora import check_lora_config
+
+            check_lora_config(vllm_config)
+            if _is_vllm_cli() and "serve" in sys.argv[1:2]:  # refused adapters: 400s
+                from tpu_plugin import lora_api
+
+                lora_api.install()
 
     @classmethod
     def validate_request(

@@ -13,6 +13,7 @@ import jax
 import psutil
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
+from vllm.lora.request import LoRARequest
 from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
 from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheSpec
 from vllm.v1.outputs import DraftTokenIds, ModelRunnerOutput
@@ -198,6 +199,30 @@ class TpuPluginWorker(WorkerBase):
     def take_draft_token_ids(self) -> DraftTokenIds | None:
         """The n-gram drafts of the last step (speculative decoding), else None."""
         return self.model_runner.take_draft_token_ids() if self.model_runner else None
+
+    # ---- LoRA (vLLM's adapter RPCs; tpu_plugin/runner/lora.py) -----------------------------
+    def _lora(self):
+        lora = self.model_runner.lora if self.model_runner is not None else None
+        if lora is None:
+            raise ValueError("LoRA is not enabled; start the engine with --enable-lora")
+        return lora
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        return self._lora().manager.add_adapter(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return self._lora().manager.remove_adapter(lora_id)
+
+    def pin_lora(self, lora_id: int) -> bool:
+        return self._lora().manager.pin_adapter(lora_id)
+
+    def list_loras(self) -> set[int]:
+        return self._lora().manager.list_adapters()
+
+    def check_lora_adapter(self, lora_name: str, lora_int_id: int, lora_path: str) -> str | None:
+        """Why the adapter cannot be served here, or None (the API server's 400s). Plain
+        fields: a ``LoRARequest`` in ``collective_rpc`` args arrives as an untyped list."""
+        return self._lora().check_adapter(LoRARequest(lora_name, lora_int_id, lora_path))
 
     def get_supported_tasks(self) -> tuple[str, ...]:
         return self.model_runner.supported_tasks()

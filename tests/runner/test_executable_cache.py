@@ -131,9 +131,10 @@ def test_second_precompile_loads_everything_untraced(tmp_path, monkeypatch, llam
     programs = len(first._compiled) + len(first._compiled_samplers)
     assert counts == {"hits": 0, "misses": programs, "stored": programs}
     # The one program list (the TPU planner's too): forwards and samplers are cached, the
-    # async token recorders (one per sequence bucket, after its samplers) go to JAX's cache.
+    # async token recorders (one per sequence bucket, after its sampler) go to JAX's cache.
+    # On CPU one sampler program per sequence bucket: its flags are decided at run time.
     listed = startup_programs(first)
-    assert [p.kind for p in listed if p.kind != "forward"] == ["sampler", "sampler", "record"] * 2
+    assert [p.kind for p in listed if p.kind != "forward"] == ["sampler", "record"] * 2
     assert sum(p.kind != "record" for p in listed) == programs
     # TPU programs keep greedy and top-k/top-p static: 4x the sampler programs.
     assert sum(p.kind == "sampler" for p in startup_programs(first, platform="tpu")) == 16

@@ -202,6 +202,26 @@ def test_every_precompiled_program_compiles(tmp_path_factory, arch, topology):
     assert "DOES NOT FIT" not in report and "| 1 |" in report
 
 
+@pytest.mark.slow  # ~220 s on the shared 2 cores (twice the forward programs)
+def test_lora_programs_compile_for_tpu(tmp_path_factory):
+    """``--enable-lora``: every bucket's forward also in its LoRA variant (adapter slots in
+    the parameters, each token's slot an input), compiled by libtpu like the base ones."""
+    model = config_dir(tmp_path_factory, "LlamaForCausalLM")
+    lora = dict(enable_lora=True, max_loras=4, max_lora_rank=16)
+    base = planner.plan(tpu_aot.EngineOptions(model=str(model), **ENGINE), "v6e:1x1",
+                        subset="estimate")  # fmt: skip
+    result = planner.plan(tpu_aot.EngineOptions(model=str(model), **ENGINE, **lora), "v6e:1x1")
+    check_all_compiled(result, MOSAIC_PER_FORWARD["LlamaForCausalLM"])
+    forwards = [c for c in result.compiled if c.program.kind == "forward"]
+    adapted = [c for c in forwards if c.program.label.endswith(" lora")]
+    assert len(adapted) == len(forwards) // 2 > 0
+    # The slots: 4 adapters x rank 16, A [r, in] and B [out, r] of q, k, v, o, gate, up and
+    # down in each of 2 layers, bf16 (hidden 512, KV 2 heads x 128, intermediate 128).
+    sizes = [(512, 512), (512, 256), (512, 256), (512, 512), (512, 128), (512, 128), (128, 512)]
+    per_layer = sum(16 * (fan_in + fan_out) for fan_in, fan_out in sizes)
+    assert result.weight_bytes - base.weight_bytes == 4 * 2 * 2 * per_layer  # slots, layers, bf16
+
+
 def test_tensor_and_expert_parallel_on_v6e_2x2(tmp_path_factory):
     """TP = 4 with expert parallelism: attention and the fused-MoE kernel run per device
     (shard_map), each device holds a quarter of the weights and 2 of the 8 experts."""

@@ -38,7 +38,10 @@ logger = init_logger(__name__)
 
 class Linear(nnx.Module):
     """``y = x @ weight.T (+ bias)``; ``out_features`` may be a shape (``weight`` is then
-    ``[*out_features, in_features]`` and ``y`` ends in ``out_features``).
+    ``[*out_features, in_features]`` and ``y`` ends in ``out_features``). Plus the token's LoRA
+    adapter where the runner attached adapter slots (``lora``, a
+    ``tpu_plugin.layers.lora.LoRASlots``; ``None`` otherwise), its output in the weight's own
+    output layout (a fused projection's too).
 
     A shaped weight is multiplied as the 2-D matrix ``[prod(out_features), in_features]`` (a
     reshape of its row-major layout, no data moves): a dot with several output dimensions is
@@ -48,6 +51,8 @@ class Linear(nnx.Module):
     parallelism splits a fused weight on axis 0 only, which the reshape keeps contiguous per
     device.
     """
+
+    lora: nnx.Module | None = None
 
     def __init__(
         self,
@@ -68,6 +73,8 @@ class Linear(nnx.Module):
         y = y.reshape(*x.shape[:-1], *out)
         if self.bias is not None:
             y = y + self.bias[...]
+        if self.lora is not None and (update := self.lora(x)) is not None:
+            y = y + update
         return y
 
 

@@ -391,6 +391,7 @@ def abstract_model(
     *,
     drop: tuple[str, ...] = (),
     kv_scales: tuple[str, ...] = (),
+    adapt: Callable[[nnx.Module], Any] | None = None,
 ) -> nnx.Module:
     """The architecture's flax model as shapes only (``nnx.eval_shape``, no memory), as
     ``quant`` lays it out: without the top-level modules named in ``drop``, its linear layers
@@ -398,7 +399,9 @@ def abstract_model(
     the attention modules named in ``kv_scales`` (``model.layers.0.self_attn.k_scale``, an fp8
     cache's scales from the checkpoint). What :func:`load_model` fills, and what the TPU
     planner (``tpu_plugin.tools.tpu_aot``) compiles with abstract parameters, so the planner
-    compiles the parameters serving loads."""
+    compiles the parameters serving loads. ``adapt`` is called with the model last, before it
+    is made abstract (the planner's LoRA slots: the runner adds them to the loaded model,
+    runner/lora.py)."""
     model_class = resolve_model_class(list(hf_config.architectures or []))
 
     def build() -> nnx.Module:
@@ -419,6 +422,8 @@ def abstract_model(
                 or getattr(module, "qkv_proj", None) is not None
             ):
                 setattr(module, name.rpartition(".")[2], nnx.Param(jnp.ones((), jnp.float32)))
+        if adapt is not None:
+            adapt(model)
         return model
 
     return nnx.eval_shape(build)

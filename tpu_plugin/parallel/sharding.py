@@ -27,6 +27,12 @@ those names to specs on the ``("data", "model")`` mesh of :mod:`tpu_plugin.paral
   ``--enable-expert-parallel`` the ``expert`` axis the MoE layer annotates on dimension 0 maps to
   ``model`` (whole experts per device); without it, tensor parallelism inside every expert
   (``2I`` / ``I`` split like ``gate_proj``/``down_proj``);
+- LoRA adapter slots (``<projection>.lora.a`` ``[slots, rank, in]`` and ``.lora.b``
+  ``[*out, slots, rank]``, :mod:`tpu_plugin.layers.lora`) follow their projection's weight
+  ``[*out, in]``: ``a`` is split where the weight splits its input (row-split projections:
+  the partial ``x A^T`` is all-reduced, ``[tokens, slots * rank]``, tiny), ``b`` where it splits
+  its outputs (column-split and fused ones: each device adds its own rows' update), so every
+  device updates exactly the outputs it computes;
 - everything else (norms, routers, rotary tables) replicated.
 
 A dimension that a rule would split but that does not divide over the devices is replicated
@@ -124,6 +130,17 @@ def _scale_spec(module: str, leaf: str, shape: tuple[int, ...], layout: Parallel
     return P()
 
 
+LORA_LEAVES = ("lora.a", "lora.b")
+
+
+def lora_spec(weight_spec: P, weight_ndim: int, leaf: str) -> P:
+    """The spec of a projection's adapter slots (``leaf`` "a" or "b") from its weight's."""
+    axes = tuple(weight_spec) + (None,) * (weight_ndim - len(tuple(weight_spec)))
+    if leaf == "a":
+        return P(None, None, axes[-1])
+    return P(*axes[:-1], None, None)
+
+
 def kv_spec(shape: tuple[int, ...], layout: ParallelLayout) -> P:
     """KV pages ``[blocks, page, kv_heads, dim]``: split on the KV heads when they divide.
 
@@ -155,12 +172,19 @@ class ShardingPlan:
 
     def describe(self, params: nnx.State) -> dict[str, P]:
         """``{parameter name: spec}`` for every parameter, as :meth:`shard_params` places it."""
-        out = {}
+        out, ndims, adapters = {}, {}, []
         for path, var in nnx.to_flat_state(params):
             name = ".".join(str(p) for p in path)
             value = var.get_value()
+            if name.endswith(LORA_LEAVES):  # after the weights: they follow them
+                adapters.append(name)
+                continue
             annotation = var.get_metadata().get("out_sharding")
             out[name] = param_spec(name, tuple(value.shape), self.layout, annotation)
+            ndims[name] = len(value.shape)
+        for name in adapters:
+            weight, _, leaf = name.rpartition(".lora.")
+            out[name] = lora_spec(out[weight + ".weight"], ndims[weight + ".weight"], leaf)
         return out
 
     def shard_params(self, params: nnx.State) -> nnx.State:

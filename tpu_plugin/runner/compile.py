@@ -196,12 +196,14 @@ class StartupProgram(NamedTuple):
     seqs: int  # sequence rows
     bucket: StepBucket | None = None  # a forward's shapes
     flags: dict[str, Any] | None = None  # a sampler's static flags
+    lora: bool = False  # a forward's LoRA version (--enable-lora: every bucket has both)
 
     @property
     def label(self) -> str:
         if self.bucket is not None:
             b = self.bucket
-            return f"forward tokens={b.tokens} seqs={b.seqs} pages={b.pages}"
+            lora = " lora" if self.lora else ""
+            return f"forward tokens={b.tokens} seqs={b.seqs} pages={b.pages}{lora}"
         if self.flags is not None:
             return f"sample seqs={self.seqs} " + " ".join(f"{k}={v}" for k, v in self.flags.items())
         return f"record_tokens seqs={self.seqs}"
@@ -211,7 +213,8 @@ def startup_programs(runner: Any, platform: str | None = None) -> list[StartupPr
     """Every program start-up precompiles for ``runner``'s configuration, in order.
 
     The forward of every :func:`step_buckets` bucket (page widths bucketed as the runner's
-    attention wants), then per sequence bucket, smallest first, every
+    attention wants; with LoRA, ``runner.lora``, each bucket's LoRA version next to it), then
+    per sequence bucket, smallest first, every
     :func:`sampler_variants` variant and, under async scheduling, the program that records
     the sampled tokens (a pooling model's runner: the forwards only). ``platform``: the one
     the programs are for (default ``envs.target_platform()``); it decides which sampler flags
@@ -230,7 +233,10 @@ def startup_programs(runner: Any, platform: str | None = None) -> list[StartupPr
         runner.model_config.logprobs_mode,
         platform,
     )
-    programs = [StartupProgram("forward", b.seqs, bucket=b) for b in buckets]
+    versions = (False, True) if getattr(runner, "lora", None) is not None else (False,)
+    programs = [
+        StartupProgram("forward", b.seqs, bucket=b, lora=lora) for b in buckets for lora in versions
+    ]
     if getattr(runner, "pooling", None) is not None:  # pooling models sample nothing
         return programs
     for seqs in sorted({b.seqs for b in buckets}):
@@ -273,10 +279,17 @@ def enable_persistent_cache() -> None:
     logger.info("JAX compilation cache: %s", cache_dir)
 
 
-def dummy_step(bucket: StepBucket, num_pages: int, page_size: int, prev_tokens: Any = None) -> Any:
+def dummy_step(
+    bucket: StepBucket,
+    num_pages: int,
+    page_size: int,
+    prev_tokens: Any = None,
+    lora: bool = False,
+) -> Any:
     """A step of ``bucket``'s shapes and dtypes with no real token (every KV write dropped).
 
-    ``prev_tokens`` (async scheduling) adds the merge fields, every entry a no-op.
+    ``prev_tokens`` (async scheduling) adds the merge fields, every entry a no-op; ``lora``
+    the LoRA version's per-token adapter slots, every token -1 (no adapter).
     """
     from tpu_plugin.layers.attention import AttentionMetadata
     from tpu_plugin.runner.inputs import StepInputs
@@ -300,17 +313,20 @@ def dummy_step(bucket: StepBucket, num_pages: int, page_size: int, prev_tokens: 
             num_seqs=np.zeros(1, np.int32),
         ),
         logits_indices=np.zeros(seqs, np.int32),
+        lora_slots=np.full(tokens, -1, np.int32) if lora else None,
     )
     return jax.device_put(step)._replace(**merge)
 
 
-def step_key(step: Any) -> tuple[int, int, int, int]:
-    """The compiled-program key of a step: tokens, seqs, page width, logits rows."""
+def step_key(step: Any) -> tuple[int, int, int, int, bool]:
+    """The compiled-program key of a step: tokens, seqs, page width, logits rows, and whether
+    it carries LoRA adapters (runner/lora.py)."""
     return (
         step.input_ids.shape[0],
         step.attention.kv_lens.shape[0],
         step.attention.page_indices.shape[1],
         step.logits_indices.shape[0],
+        step.lora_slots is not None,
     )
 
 

@@ -33,6 +33,9 @@ class StepInputs(NamedTuple):
     prev_tokens: jax.Array | None = None  # [max_num_seqs] int32
     merge_dst: jax.Array | None = None  # [S] int32
     merge_src: jax.Array | None = None  # [S] int32
+    # LoRA (runner/lora.py): each token's adapter slot, -1 for the base model; None when no
+    # request of the step has an adapter (the base model's program).
+    lora_slots: jax.Array | None = None  # [T] int32
 
 
 class HostStep(NamedTuple):

@@ -25,6 +25,7 @@ from vllm.v1.outputs import (
 )
 
 from tpu_plugin.layers.attention import page_table_width_bucketed
+from tpu_plugin.layers.lora import token_adapters
 from tpu_plugin.layers.moe_offload import map_kv_layers
 from tpu_plugin.models import quantization
 from tpu_plugin.models.loader import load_model, resolve_model_dir
@@ -51,6 +52,7 @@ from tpu_plugin.runner.inputs import (
     merge_prev_tokens,
     prepare_inputs,
 )
+from tpu_plugin.runner.lora import LoRARunner
 from tpu_plugin.runner.pooling import TASKS as POOLING_TASKS
 from tpu_plugin.runner.pooling import PoolingRunner
 from tpu_plugin.runner.prompt_logprobs import (
@@ -107,7 +109,8 @@ def jitted_forward(
     def forward(params: Any, kv_caches: list, step: StepInputs) -> tuple[list, Any]:
         step = merge_prev_tokens(step)
         model = nnx.merge(graphdef, params)
-        with sharded_step(plan):  # Mosaic kernels run per device (parallel/shard_kernels.py)
+        # Mosaic kernels run per device (parallel/shard_kernels.py); LoRA slots per token
+        with sharded_step(plan), token_adapters(step.lora_slots):
             kv_caches, hidden = model(kv_caches, step.input_ids, step.positions, step.attention)
             if pooling is not None:
                 return plan.constrain_kv(kv_caches), pooling.rows(hidden, step)
@@ -174,6 +177,7 @@ class JaxModelRunner:
         self._host_rng = np.random.default_rng(self.model_config.seed)
         self._lazy = LazyCompiles()  # programs compiled while serving (logged once each)
         self.model: nnx.Module | None = None
+        self.lora: LoRARunner | None = None  # --enable-lora (runner/lora.py)
         self._offload: ExpertOffload | None = None
         # Page-table widths are bucketed only where attention's work grows with the width
         # (MLA's latent attention, layers/mla.py, and encoders' window, always do).
@@ -228,10 +232,14 @@ class JaxModelRunner:
             quant=self.quant,
         )
         host_experts = offload.take_experts(self.model) if offload else None
+        if self.vllm_config.lora_config is not None:  # adapter slots in the parameter tree
+            self.lora = LoRARunner(self.vllm_config, self.model, self.dtype)
         graphdef, self.params = nnx.split(self.model)
         pooling = self.pooling
         # Tensor/expert parallelism: parameters onto the mesh (tpu_plugin/parallel/sharding.py).
         self.params = plan.shard_params(self.params)
+        if self.lora is not None:
+            self.lora.bind(self.params)
         if offload:
             self.params = (self.params, host_experts)
 
@@ -277,6 +285,8 @@ class JaxModelRunner:
 
     # ---- one step ------------------------------------------------------------------------
     def _update_states(self, so: SchedulerOutput) -> None:
+        if self.lora is not None:
+            self.lora.track(so)
         for req_id in so.finished_req_ids:
             self.requests.pop(req_id, None)
             if self.pooling is not None:
@@ -343,6 +353,9 @@ class JaxModelRunner:
             max_num_seqs=self.max_num_seqs,
             bucket_widths=self.bucket_page_widths,
         )
+        if self.lora is not None:  # each token's adapter slot
+            scheduled = [so.num_scheduled_tokens[r] for r in req_ids]
+            step = self.lora.step_slots(step, req_ids, scheduled)
         if self._offload is not None:  # the step's rows -> batch slots, for the histories
             self.kv_caches = self._offload.prepare(self.kv_caches, host)
         if self.pooling is not None:  # embeddings: no sampling step follows

@@ -193,14 +193,16 @@ def precompile(runner: Any) -> float:
     from tpu_plugin.runner.executable_cache import ExecutableCache, jax_cache_bypassed
 
     programs = startup_programs(runner)
-    buckets = [p.bucket for p in programs if p.bucket is not None]
+    buckets = [p.bucket for p in programs if p.bucket is not None and not p.lora]
     samplers = sum(p.kind == "sampler" for p in programs)
     seq_buckets = sorted({b.seqs for b in buckets})
     workers = compile_workers()
+    forward_variants = 2 if runner.lora is not None else 1  # base and LoRA (startup_programs)
     logger.info(
-        "precompiling %d forward buckets (tokens %d..%d, %d sequence buckets, page widths "
+        "precompiling %d forward buckets x %d (tokens %d..%d, %d sequence buckets, page widths "
         "%d..%d) and %d sampler variants x %d sequence buckets; %d compile thread(s)",
         len(buckets),
+        forward_variants,
         buckets[0].tokens,
         buckets[-1].tokens,
         len(seq_buckets),
@@ -213,7 +215,8 @@ def precompile(runner: Any) -> float:
     start = time.perf_counter()
     cache = runner._executable_cache = ExecutableCache.for_runner(runner)
     runner._compiled_samplers = {}
-    progress = Progress({"forward": len(buckets), "sampler": samplers})
+    num_forward = sum(p.bucket is not None for p in programs)  # LoRA versions included
+    progress = Progress({"forward": num_forward, "sampler": samplers})
     pool = CompilePool(workers)
     stopping = threading.Event()
 
@@ -245,8 +248,8 @@ def precompile(runner: Any) -> float:
     logger.info(
         "precompiled %d programs (%d forward, %d sampler) in %.1f s (%s)",
         total,
-        len(buckets),
-        total - len(buckets),
+        num_forward,
+        total - num_forward,
         seconds,
         progress.summary(),
     )
@@ -301,14 +304,14 @@ def _build_programs(
             cache.load(key, args)  # counts the miss
         return pool.submit(compile_and_store, kind, lower_locked(lower, args), key)
 
-    def make_step(bucket: StepBucket) -> Any:
-        return dummy_step(bucket, runner.num_pages, runner.block_size, prev_tokens)
+    def make_step(bucket: StepBucket, lora: bool = False) -> Any:
+        return dummy_step(bucket, runner.num_pages, runner.block_size, prev_tokens, lora)
 
     forwards = {}
     for item in programs:
         if item.bucket is None:
             continue
-        step = make_step(item.bucket)
+        step = make_step(item.bucket, item.lora)
         args = (runner.params, runner.kv_caches, step)
         lower = functools.partial(lower_forward, runner._aot_forward)
         forwards[step_key(step)] = program("forward", (shared, describe(step)), args, lower)

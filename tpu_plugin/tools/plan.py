@@ -414,6 +414,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--kv-cache-dtype", default="auto")
     parser.add_argument("--quantization")
     parser.add_argument("--no-async-scheduling", action="store_true")
+    parser.add_argument("--enable-lora", action="store_true", help="also the LoRA programs")
+    parser.add_argument("--max-loras", type=int)
+    parser.add_argument("--max-lora-rank", type=int)
     parser.add_argument(
         "--runner", choices=("generate", "pooling"), help="vLLM's --runner (pooling: embeddings)"
     )
@@ -460,6 +463,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         kv_cache_dtype=args.kv_cache_dtype,
         quantization=args.quantization,
         async_scheduling=False if args.no_async_scheduling else None,
+        enable_lora=args.enable_lora,
+        max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank,
         runner=args.runner,
     )
     try:

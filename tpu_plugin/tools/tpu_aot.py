@@ -98,6 +98,9 @@ class EngineOptions:
     kv_cache_dtype: str = "auto"
     quantization: str | None = None
     async_scheduling: bool | None = None
+    enable_lora: bool = False  # adds each forward's LoRA variant (runner/lora.py)
+    max_loras: int | None = None
+    max_lora_rank: int | None = None
     runner: str | None = None  # "generate" or "pooling" (vLLM's --runner)
 
 
@@ -230,9 +233,17 @@ class AbstractEngine:
         layout = layout_from(runner.hf_config, tp, bool(parallel.enable_expert_parallel))
         self.plan = ShardingPlan(build_mesh(tp, devices), layout)
         runner.sharding_plan = self.plan
+        adapt = None
+        if vllm_config.lora_config is not None:  # the adapter slots, as the runner adds
+
+            def adapt(model: nnx.Module) -> None:
+                from tpu_plugin.runner.lora import LoRARunner
+
+                runner.lora = LoRARunner(vllm_config, model, runner.dtype)
+
         # The parameters serving loads, quantized layers included (models/loader.py).
         abstract = abstract_model(
-            runner.hf_config, runner.dtype, runner.quant, drop=runner.unused_modules
+            runner.hf_config, runner.dtype, runner.quant, drop=runner.unused_modules, adapt=adapt
         )
         # MoE offload (runner/expert_cache.py): routed experts in host memory, a device cache.
         self.offload = ExpertOffload.for_runner(runner, self.plan)
@@ -333,7 +344,9 @@ class AbstractEngine:
         for item in compile_.startup_programs(runner, platform="tpu"):
             seqs = item.seqs
             if item.bucket is not None:
-                step = compile_.dummy_step(item.bucket, self.num_blocks, runner.block_size, prev)
+                step = compile_.dummy_step(
+                    item.bucket, self.num_blocks, runner.block_size, prev, item.lora
+                )
                 args = (
                     self.forward.lower,
                     self.params,
