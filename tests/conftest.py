@@ -82,6 +82,14 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) ->
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return torch_greedy(model, prompts, max_new_tokens)
+
+
+def torch_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """A loaded PyTorch causal LM's (HF, or HF + PEFT) greedy continuations of exactly
+    ``max_new_tokens`` each (no EOS stop), one prompt at a time so no padding enters."""
+    import torch
+
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     outputs = []
@@ -89,7 +97,7 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) ->
         for prompt in prompts:
             ids = torch.tensor([prompt])
             out = model.generate(
-                ids,
+                input_ids=ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
@@ -101,11 +109,18 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) ->
 
 def hf_last_logits(model_dir: Path, prompts: list[list[int]]):
     """HF fp32 logits at the last position of each prompt, ``[len(prompts), vocab]``."""
-    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return torch_last_logits(model, prompts)
+
+
+def torch_last_logits(model, prompts: list[list[int]]):
+    """A loaded PyTorch causal LM's logits at each prompt's last position, ``[prompts, vocab]``."""
+    import numpy as np
+    import torch
+
     with torch.no_grad():
         return np.stack([model(torch.tensor([p])).logits[0, -1].numpy() for p in prompts])
 

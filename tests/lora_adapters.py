@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tests.conftest import torch_greedy, torch_last_logits
+
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # (rank, targets, extra LoraConfig fields) of the adapters the parity tests serve together:
 # different ranks (all padded to the engine's max rank), subsets of the projections, an
@@ -74,34 +76,12 @@ def peft_greedy(
     base_dir: Path, adapter: Path | None, prompts: list[list[int]], max_new_tokens: int
 ) -> list[list[int]]:
     """HF + PEFT (fp32) greedy continuations of ``prompts`` with ``adapter`` (None: base)."""
-    import torch
-
-    model = _model(base_dir, adapter)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    outputs = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([prompt])
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                min_new_tokens=max_new_tokens,
-                do_sample=False,
-            )
-            outputs.append(out[0, len(prompt) :].tolist())
-    return outputs
+    return torch_greedy(_model(base_dir, adapter), prompts, max_new_tokens)
 
 
 def peft_last_logits(base_dir: Path, adapter: Path | None, prompts: list[list[int]]):
     """HF + PEFT fp32 logits at each prompt's last position, ``[prompts, vocab]``."""
-    import numpy as np
-    import torch
-
-    model = _model(base_dir, adapter)
-    with torch.no_grad():
-        return np.stack([model(torch.tensor([p])).logits[0, -1].numpy() for p in prompts])
+    return torch_last_logits(_model(base_dir, adapter), prompts)
 
 
 def expected_greedy(

@@ -33,6 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from ..tiling import min_row_tile, pick_block
 from .reference import activate, check_activation, check_shapes, precision_of
 from .xla import combine_choices, gather_padded_rows, routing_layout
 
@@ -52,19 +53,6 @@ def _round_up(x: int, m: int) -> int:
 
 
 __all__ = ["fused_moe", "routing_layout"]
-
-
-def min_row_tile(dtype) -> int:
-    """Rows of one native TPU tile: 8 for 32-bit, 16 for 16-bit, 32 for 8-bit values."""
-    return 32 // jnp.dtype(dtype).itemsize
-
-
-def _pick(dim: int, requested: int | None, choices: tuple[int, ...], what: str) -> int:
-    if requested is not None:
-        if dim % requested:
-            raise ValueError(f"{what}={requested} must divide the dimension {dim}")
-        return requested
-    return next((c for c in choices if dim % c == 0), dim)
 
 
 def _nt_dot(a: jax.Array, b: jax.Array, precision) -> jax.Array:
@@ -213,8 +201,8 @@ def fused_moe(
     rows = gather_padded_rows(x, row_token)  # [P, H]
 
     # Kernel 1: [P, H] x w_gate_up[e] -> act(gate) * up, [P, I].
-    tn = _pick(inter, block_n, BLOCK_N_CHOICES, "block_n")
-    tk = _pick(hidden, block_k, BLOCK_K_CHOICES, "block_k")
+    tn = pick_block(inter, block_n, BLOCK_N_CHOICES, "block_n")
+    tk = pick_block(hidden, block_k, BLOCK_K_CHOICES, "block_k")
     num_n, num_k = inter // tn, hidden // tk
     rows_map, gate_map, out_map = _grid_maps(num_n, num_k)
     _, up_map, _ = _grid_maps(num_n, num_k, n_offset=num_n)
@@ -246,8 +234,8 @@ def fused_moe(
     )(tile_expert, num_used, rows, w_gate_up, w_gate_up)
 
     # Kernel 2: [P, I] x w_down[e] -> [P, H] float32.
-    tn = _pick(hidden, block_n, BLOCK_N_CHOICES, "block_n")
-    tk = _pick(inter, block_k, BLOCK_K_CHOICES, "block_k")
+    tn = pick_block(hidden, block_n, BLOCK_N_CHOICES, "block_n")
+    tk = pick_block(inter, block_k, BLOCK_K_CHOICES, "block_k")
     num_n, num_k = hidden // tn, inter // tk
     rows_map, w_map, out_map = _grid_maps(num_n, num_k)
     down_rows = pl.pallas_call(

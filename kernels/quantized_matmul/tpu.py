@@ -31,6 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from ..tiling import min_row_tile, pick_block, round_up
 from .reference import check_arguments, precision_of, quantize_activations
 
 BLOCK_M = 256
@@ -40,23 +41,6 @@ MIB = 1 << 20
 # TPU generations whose MXU multiplies 8-bit operands natively (device kinds, lower case).
 INT8_MXU = ("tpu v5 lite", "tpu v5e", "tpu v5", "tpu v5p", "tpu v6 lite", "tpu v6e", "v5e", "v6e")
 FP8_MXU = ("tpu7x", "tpu 7x", "tpu v7", "tpu v7x", "v7x")
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def min_row_tile(dtype) -> int:
-    """Rows of one native TPU tile: 8 for 32-bit, 16 for 16-bit, 32 for 8-bit values."""
-    return 32 // jnp.dtype(dtype).itemsize
-
-
-def _pick(dim: int, requested: int | None, choices: tuple[int, ...], what: str) -> int:
-    if requested is not None:
-        if dim % requested:
-            raise ValueError(f"{what}={requested} must divide the dimension {dim}")
-        return requested
-    return next((c for c in choices if dim % c == 0), dim)
 
 
 def device_kind() -> str:
@@ -170,10 +154,10 @@ def quantized_matmul(
     out_dtype = x.dtype
     operands_dtype = jnp.dtype(activation_dtype) if w8a8 else jnp.dtype(x.dtype)
     sublanes = max(min_row_tile(operands_dtype), min_row_tile(out_dtype))
-    tm = _round_up(min(block_m or BLOCK_M, _round_up(m, sublanes)), sublanes)
-    tn = _pick(n, block_n, BLOCK_N_CHOICES, "block_n")
-    tk = _pick(k, block_k, BLOCK_K_CHOICES, "block_k")
-    padded_m = _round_up(m, tm)
+    tm = round_up(min(block_m or BLOCK_M, round_up(m, sublanes)), sublanes)
+    tn = pick_block(n, block_n, BLOCK_N_CHOICES, "block_n")
+    tk = pick_block(k, block_k, BLOCK_K_CHOICES, "block_k")
+    padded_m = round_up(m, tm)
     grid = (padded_m // tm, n // tn, k // tk)
 
     operands, in_specs = [], []
