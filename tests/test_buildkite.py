@@ -141,6 +141,8 @@ def test_commands_use_files_and_flags_that_exist(generated):
                     assert f'"{flag}"' in source, f"{files[0]} has no {flag}"
 
 
+# slow: 52 s (collects every CI step's selection); the default suite stays under ~30 minutes
+@pytest.mark.slow
 def test_pytest_selections_collect_tests(generated):
     """Every pytest command collects at least one test (one process, so imports are paid once)."""
     selections = sorted(
@@ -266,6 +268,8 @@ def test_run_local_dry_run_is_the_generators_output(generated):
     assert yaml.safe_load(proc.stdout)["steps"] == cpu_steps
 
 
+# slow: 68 s (runs a whole CPU step through run_local.py)
+@pytest.mark.slow
 def test_run_local_runs_a_cpu_step_and_records_it(tmp_path):
     """Qwen2 parity on the cpu queue, end to end (about a minute on two cores).
 

@@ -129,6 +129,8 @@ def test_api_key_is_enforced(smollm2_server, model):
     assert post(smollm2_server, "/completions", body).status_code == 200
 
 
+# slow: 33 s of load; the 4xx and abort tests above stay in the default suite
+@pytest.mark.slow
 def test_load_with_disconnects_leaves_no_blocks_behind(smollm2_server):
     """Reduced size (``python benchmarks/load_test.py --full`` is the full run)."""
     report = run_load(

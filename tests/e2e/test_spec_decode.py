@@ -106,6 +106,8 @@ def test_unsupported_method_fails_at_startup(tmp_path):
     assert len(lines) == 1 and "ngram_gpu" in lines[0], output[-3000:]
 
 
+# slow: 42 s; the offline ngram test above covers the algorithm in the default suite
+@pytest.mark.slow
 def test_serve_with_speculative_config(smollm2_server, smollm2_dir):
     """``vllm serve --speculative-config``: the same completion as the plain server, with
     drafts accepted (vLLM's ``/metrics`` counters)."""

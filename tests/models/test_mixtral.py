@@ -58,5 +58,7 @@ def test_transformers_fused_layout_loads_the_same(tmp_path):
     )
 
 
+# slow: 30 s; Mixtral's logits tests and Qwen3-MoE's greedy test cover MoE by default
+@pytest.mark.slow
 def test_greedy_ragged_batch_matches_hf(tmp_path, make_llm):
     check_greedy_matches_hf(tmp_path, make_llm, CONFIGS, "mixtral-window")

@@ -228,6 +228,8 @@ def child(model_dir: str, tp: int) -> None:
     print(json.dumps(counts | events | outputs(runner) | {"mesh": mesh}))
 
 
+# slow: 35 s (two fresh processes); the single-device cache tests stay in the default suite
+@pytest.mark.slow
 def test_tensor_parallel_programs_load_in_a_fresh_process(tmp_path, llama_dir):
     """Two start-ups (fresh processes) on a 2-device mesh: the second loads every sharded
     program from the cache, traces none and computes the same logits."""
