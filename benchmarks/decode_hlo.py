@@ -107,7 +107,7 @@ def profile(compiled: object, args: tuple, steps: int) -> tuple[list, float]:
     """Kernel events ``(hlo_op, ns)`` of ``steps`` runs and the wall ms per step."""
     import jax
 
-    from tpu_plugin.tools import hlo_inventory
+    from tpu_plugin.tools import hlo_trace
 
     params, kv, step = args
     for _ in range(2):
@@ -124,12 +124,12 @@ def profile(compiled: object, args: tuple, steps: int) -> tuple[list, float]:
             kv, logits = compiled(params, kv, step)
         jax.block_until_ready(logits)
     files = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
-    events = hlo_inventory.trace_events(files[0]) if files else []
+    events = hlo_trace.trace_events(files[0]) if files else []
     return events, wall_ms
 
 
 def run(args: argparse.Namespace) -> dict:
-    from tpu_plugin.tools import hlo_inventory, tpu_aot
+    from tpu_plugin.tools import hlo_inventory, hlo_trace, tpu_aot
 
     out_dir = os.path.join(OUT, "decode_hlo")
     os.makedirs(out_dir, exist_ok=True)
@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> dict:
         events, wall_ms = profile(
             compiled, (params, kv, decode_step(engine, step, batch, args.context)), args.steps
         )
-        timing = hlo_inventory.join_trace(kernels, events, args.steps)
+        timing = hlo_trace.join_trace(kernels, events, args.steps)
         layers = engine.runner.num_layers
         summary = hlo_inventory.summary(kernels, layers)
         report["batches"][str(batch)] = {

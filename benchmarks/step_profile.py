@@ -166,7 +166,7 @@ def op_profile(
     import jax
 
     from tpu_plugin.runner.compile import step_key
-    from tpu_plugin.tools import hlo_inventory
+    from tpu_plugin.tools import hlo_inventory, hlo_trace
 
     runner = worker.model_runner
     step = _decode_step(runner, batch, context)
@@ -194,7 +194,7 @@ def op_profile(
         kernels = hlo_inventory.inventory(text)
         named = {
             "summary": hlo_inventory.summary(kernels, runner.num_layers),
-            **hlo_inventory.join_trace(kernels, hlo_inventory.trace_events(files[0]), steps),
+            **hlo_trace.join_trace(kernels, hlo_trace.trace_events(files[0]), steps),
         }
     events = _device_kernel_events(files[0])
     if not events:  # JAX CPU (the suite's dry run): the host runtime's kernels are named

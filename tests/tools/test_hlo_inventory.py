@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from transformers import LlamaConfig
 
-from tpu_plugin.tools import hlo_inventory
+from tpu_plugin.tools import hlo_inventory, hlo_trace
 
 LAYERS = 2
 
@@ -72,8 +72,8 @@ def test_trace_join_names_every_kernel(tmp_path):
         for _ in range(steps):
             compiled(*args).block_until_ready()
     (trace,) = glob.glob(f"{tmp_path}/**/*.xplane.pb", recursive=True)
-    events = hlo_inventory.trace_events(trace)
-    timing = hlo_inventory.join_trace(kernels, events, steps)
+    events = hlo_trace.trace_events(trace)
+    timing = hlo_trace.join_trace(kernels, events, steps)
     assert not timing["unmatched_ms_per_step"]
     per_kernel = timing["ms_per_step_by_kernel"]
     assert set(per_kernel) == {k.name for k in kernels}

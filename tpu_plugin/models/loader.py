@@ -39,7 +39,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
@@ -49,6 +48,7 @@ from tpu_plugin.layers.linear import FusedLinear, Fusion, QuantizedLinear, quant
 from tpu_plugin.models import quantization
 from tpu_plugin.models.quantization import Quantization, QuantizationError
 from tpu_plugin.models.registry import resolve_model_class
+from tpu_plugin.models.safetensors_reader import CheckpointError, HostReader, read_on_device
 
 logger = init_logger(__name__)
 
@@ -65,10 +65,6 @@ _QUANTIZED_LEAVES = (
     "qweight",
     "qzeros",
 )
-
-
-class CheckpointError(ValueError):
-    """The checkpoint does not match the architecture; the message names the tensor."""
 
 
 def resolve_model_dir(model: str, revision: str | None = None) -> str:
@@ -341,49 +337,6 @@ def checkpoint_renamer(names: list[str], wanted: set[str]) -> Any:
     return max(candidates, key=hits)  # the first best: plain names win ties
 
 
-# safetensors dtype names -> NumPy dtypes (ml_dtypes, JAX's own, for the ones NumPy lacks).
-_HOST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64,
-    "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}  # fmt: skip
-
-
-class HostReader:
-    """A safetensors file's tensors as NumPy arrays in host memory, for ``load_model``'s
-    ``host`` parameters and the FP8 tensors safetensors' flax reader cannot represent.
-    safetensors' own NumPy reader cannot return bfloat16 (NumPy has no such type), the dtype
-    of nearly every MoE checkpoint; this one maps the file and views the bytes with
-    ml_dtypes' types, so nothing passes through the device."""
-
-    def __init__(self, path: str):
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-        header.pop("__metadata__", None)
-        self.header = header
-        self.data = np.memmap(path, np.uint8, mode="r", offset=8 + size)
-
-    def get_tensor(self, name: str) -> np.ndarray:
-        entry = self.header[name]
-        if entry["dtype"] not in _HOST_DTYPES:
-            raise CheckpointError(
-                f"{name} is {entry['dtype']}, which tpu-plugin cannot read into host memory"
-            )
-        begin, end = entry["data_offsets"]
-        raw = self.data[begin:end].view(_HOST_DTYPES[entry["dtype"]])
-        return raw.reshape(entry["shape"])  # a view of the map: load_model's astype copies
-
-
-def _read(reader: Any, host_reader: HostReader, name: str) -> jax.Array:
-    """Tensor ``name`` on the device; e4m3 / e5m2 tensors (FP8 checkpoints) through the file's
-    bytes, since safetensors' flax reader cannot represent them."""
-    try:
-        return reader.get_tensor(name)
-    except (AttributeError, TypeError, ValueError):
-        return jnp.asarray(host_reader.get_tensor(name))
-
-
 def abstract_model(
     hf_config: Any,
     dtype: jnp.dtype,
@@ -546,7 +499,7 @@ def load_model(
                     if on_host(hit[0]):
                         tensor = host_reader.get_tensor(stored)
                     else:
-                        tensor = _read(reader, host_reader, stored)
+                        tensor = read_on_device(reader, host_reader, stored)
                     tensor = tensor.astype(wanted[hit[0]].get_value().dtype)
                     stacker.add(name, tensor, hit, expected)
                     continue
@@ -560,7 +513,7 @@ def load_model(
                 if any(on_host(t) for t, _ in targets):
                     tensor = host_reader.get_tensor(stored)
                 else:
-                    tensor = _read(reader, host_reader, stored)
+                    tensor = read_on_device(reader, host_reader, stored)
                 for part_name, value in quant.convert(name, tensor, scheme).items():
                     place(part_name, value)
 
