@@ -108,11 +108,18 @@ def stage_steps(path: str, prompt_len: int, steps: int) -> None:
     rows = max(BATCHES)
     distinct = {str(s): expected_distinct(s, experts, top_k, steps) for s in SKEWS}
     save({"distinct_per_layer": distinct})
+    pages = -(-(prompt_len + steps) // 16) + 1  # 16-token pages for prompt + decode
+    stepper = None
     for mode in ("resident", *POLICIES):
-        offload = None if mode == "resident" else (mode, ("fraction", float(CACHE)), PREFETCH)
         start = time.perf_counter()
-        pages = -(-(prompt_len + steps) // 16) + 1  # 16-token pages for prompt + decode
-        stepper = load(path, rows, offload, dtype=jnp.bfloat16, pages_per_seq=pages)
+        if mode == "resident":
+            stepper = load(path, rows, None, dtype=jnp.bfloat16, pages_per_seq=pages)
+        elif mode == POLICIES[0]:  # the host experts load once; the policies share them
+            offload = (mode, ("fraction", float(CACHE)), PREFETCH)
+            stepper = load(path, rows, offload, dtype=jnp.bfloat16, pages_per_seq=pages)
+        else:
+            stepper.offload.cache = None  # the last policy's device cache goes first
+            stepper = stepper.with_policy(mode)
         out = {f"steps_load_s/{mode}": time.perf_counter() - start}
         if stepper.offload is not None:
             out["h2d_bytes_s"] = stepper.offload.bandwidth
@@ -129,9 +136,10 @@ def stage_steps(path: str, prompt_len: int, steps: int) -> None:
                 out[f"steps/{mode}/{batch}/{skew}"] = row
                 print(mode, batch, skew, row, flush=True)
         save(out)
-        del stepper
-        gc.collect()
-        jax.clear_caches()
+        if mode == "resident":
+            stepper = None
+            gc.collect()
+            jax.clear_caches()
 
 
 # ---- stage 3: vllm.LLM, resident vs capped device memory ----------------------------------------

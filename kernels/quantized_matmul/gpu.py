@@ -74,6 +74,13 @@ def default_config(m: int, n: int, k: int) -> Config:
         block_n //= 2
     while block_k > MIN_DOT_SIZE and k % block_k:
         block_k //= 2
+    return Config(block_m, block_n, block_k, split_count(m, n, k, block_m, block_n, block_k))
+
+
+def split_count(m: int, n: int, k: int, block_m: int, block_n: int, block_k: int) -> int:
+    """Contraction splits for decode-sized ``M``: doubled while the grid stays under
+    :data:`TARGET_PROGRAMS` and each split keeps :data:`MIN_STEPS_PER_SPLIT` ``block_k`` steps
+    (1 for ``M`` over 64, where the output tiles alone fill the GPU)."""
     programs = -(-m // block_m) * max(1, n // block_n)
     splits = 1
     while (
@@ -84,7 +91,7 @@ def default_config(m: int, n: int, k: int) -> Config:
         and k // (splits * 2 * block_k) >= MIN_STEPS_PER_SPLIT
     ):
         splits *= 2
-    return Config(block_m, block_n, block_k, splits)
+    return splits
 
 
 def supports(n: int, k: int, config: Config | None = None) -> bool:

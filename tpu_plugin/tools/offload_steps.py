@@ -10,6 +10,7 @@ Kept here once so the benchmark times exactly what the tests prove equal to the 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from typing import Any
@@ -50,9 +51,31 @@ def empty_caches(cfg: Any, num_pages: int, dtype: Any) -> list:
 class Stepper:
     """A loaded model and its jitted step, resident or offloaded (:func:`load`)."""
 
-    def __init__(self, cfg: Any, jitted: Any, params: Any, offload: Any, dtype: Any, pages: int):
-        self.cfg, self.jitted, self.params, self.offload = cfg, jitted, params, offload
-        self.dtype, self.pages_per_seq = dtype, pages
+    def __init__(
+        self, cfg: Any, graphdef: Any, params: Any, offload: Any, dtype: Any, pages: int, seed: int
+    ):
+        self.cfg, self.graphdef, self.params, self.offload = cfg, graphdef, params, offload
+        self.dtype, self.pages_per_seq, self.routing_seed = dtype, pages, seed
+        self.jitted = step_program(graphdef, offload, seed)
+
+    def with_policy(self, policy: str) -> Stepper:
+        """The same loaded model and host experts under another offload policy (its own
+        program and cache): a benchmark compares policies without loading the experts twice."""
+        off = copy.copy(self.offload)
+        off.policy = policy
+        off.spec = dataclasses.replace(
+            off.spec, policy=policy, prefetch=off.prefetch if policy == "predict" else 0
+        )
+        off.cache, off._owners, off._pending, off._last = None, {}, None, None
+        return Stepper(
+            self.cfg,
+            self.graphdef,
+            self.params,
+            off,
+            self.dtype,
+            self.pages_per_seq,
+            self.routing_seed,
+        )
 
     def run(
         self, prompts: list[list[int]], steps: int, affinity: jax.Array | None = None
@@ -126,7 +149,6 @@ def load(
     from tpu_plugin.parallel.mesh import build_mesh, layout_from
     from tpu_plugin.parallel.sharding import ShardingPlan
     from tpu_plugin.runner import expert_cache
-    from tpu_plugin.tools import skewed_routing
 
     cfg = AutoConfig.from_pretrained(model_dir)
     host = expert_cache.is_routed_expert if offload else None
@@ -139,6 +161,19 @@ def load(
         off = expert_cache.ExpertOffload(policy, rows, plan, cache, prefetch)
         host_experts = off.take_experts(model)
     graphdef, params = nnx.split(model)
+    if off is not None:
+        params = (params, host_experts)
+    return Stepper(cfg, graphdef, params, off, dtype, pages_per_seq, routing_seed)
+
+
+def step_program(graphdef: Any, off: Any, routing_seed: int) -> Any:
+    """The jitted step of :class:`Stepper`: forward and logits, through the expert cache
+    when ``off`` (an ``ExpertOffload``) is given, routed by ``affinity`` when that is not
+    None."""
+    from flax import nnx
+
+    from tpu_plugin.layers import moe_offload
+    from tpu_plugin.tools import skewed_routing
 
     def forward(params: Any, kv_caches: list, step: Any, affinity: Any) -> tuple[list, Any]:
         def plain(params: Any, kv_caches: list, step: Any) -> tuple[list, Any]:
@@ -155,10 +190,7 @@ def load(
         with moe_offload.overridden_router(route):
             return fn(params, kv_caches, step)
 
-    if off is not None:
-        params = (params, host_experts)
-    jitted = jax.jit(forward, donate_argnums=(1,))
-    return Stepper(cfg, jitted, params, off, dtype, pages_per_seq)
+    return jax.jit(forward, donate_argnums=(1,))
 
 
 def run_steps(
