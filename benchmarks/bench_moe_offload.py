@@ -285,6 +285,13 @@ def main() -> None:
         choices=("steps", "engine"),
         help="one stage (a call under a time limit); reuses the checkpoint and the results file",
     )
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        choices=("resident", *POLICIES),
+        default=["resident", *POLICIES],
+        help="the engine stage's engines (the direct steps compare the policies already)",
+    )
     parser.add_argument("--stage", choices=("steps", "engine"), help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
@@ -323,7 +330,7 @@ def main() -> None:
     me = [sys.executable, os.path.abspath(__file__)] + (["--smoke"] if args.smoke else [])
     if args.only != "engine":
         subprocess.run([*me, "--stage", "steps", "--path", path], check=False)
-    for mode in ("resident", *POLICIES) if args.only != "steps" else ():
+    for mode in args.engines if args.only != "steps" else ():
         env = dict(os.environ)
         if mode != "resident":
             env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{cap / total:.4f}"
