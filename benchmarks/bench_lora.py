@@ -15,10 +15,11 @@ One process, one run:
    requests with 0 adapters (every request on the base model), 1, 4 and 8 different adapters
    spread round robin over the batch.
 
-Each case is timed like ``gpu_suite.py``: a warm-up run (compiles the shapes it meets:
-``TPU_PLUGIN_PRECOMPILE=0`` keeps both engines' start-up short), the best of two prefill-only
-runs (``max_tokens=1``), a full run; decode tok/s = batch x (new tokens - 1) / (full -
-prefill). The table prints last, every row also as a ratio to the base model's figure.
+Each case is timed by ``gpu_suite.time_decode``: a warm-up, then the best of two prefill-only
+runs (``max_tokens=1``) and a full run, repeated until they compiled nothing in the worker
+(``TPU_PLUGIN_PRECOMPILE=0`` keeps both engines' start-up short, so shapes compile on first
+use); decode tok/s = batch x (new tokens - 1) / (full - prefill).
+The table prints last, every row also as a ratio to the base model's figure.
 Results go to ``$OUT/bench_lora.json`` after each case.
 """
 
@@ -100,33 +101,12 @@ def write_adapter(path: str, base: str, config, rank: int, seed: int) -> int:
 
 
 def time_case(llm, inputs: list, new_tokens: int, lora: list | None) -> dict:
-    """Warm-up, best-of-two prefill-only, full: decode tok/s (see the module docstring)."""
-    from vllm import SamplingParams
+    """``gpu_suite.time_decode`` with the case's adapters; the first tokens of 4 requests."""
+    from gpu_suite import time_decode
 
-    full = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    kwargs = dict(use_tqdm=False, lora_request=lora)
-    t0 = time.perf_counter()
-    llm.generate(inputs, full, **kwargs)
-    llm.generate(inputs, first, **kwargs)
-    warmup = time.perf_counter() - t0
-    prefill = []
-    for _ in range(2):
-        start = time.perf_counter()
-        llm.generate(inputs, first, **kwargs)
-        prefill.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    outs = llm.generate(inputs, full, **kwargs)
-    full_s = time.perf_counter() - start
-    assert all(len(o.outputs[0].token_ids) == new_tokens for o in outs)
-    decode_s = full_s - min(prefill)
-    return {
-        "warmup_s": warmup,
-        "prefill_s": min(prefill),
-        "full_s": full_s,
-        "decode_tok_s": len(inputs) * (new_tokens - 1) / decode_s,
-        "first_tokens": [list(o.outputs[0].token_ids[:6]) for o in outs[:4]],
-    }
+    result = time_decode(llm, inputs, new_tokens, lora_request=lora)
+    result["first_tokens"] = [list(o.outputs[0].token_ids[:6]) for o in result.pop("outputs")]
+    return result
 
 
 def engine(path: str, args, max_len: int, lora: bool):
@@ -162,6 +142,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--adapters", type=int, nargs="+", default=[0, 1, 4, 8])
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (32)")
+    parser.add_argument(
+        "--lora-first", action="store_true", help="the LoRA engine before the base one"
+    )
     parser.add_argument("--prompt-len", type=int, default=None)
     parser.add_argument("--new-tokens", type=int, default=None)
     args = parser.parse_args()
@@ -175,6 +159,9 @@ def main() -> None:
     new_tokens = args.new_tokens or (32 if small else 256)
     config = llama_config(small)
     path = "/tmp/llama-smoke" if small else "/tmp/llama-3-8b-random"
+    if args.layers:  # the 8B layer shapes, fewer of them: a quick repro of the full model
+        config.num_hidden_layers = args.layers
+        path += f"-{args.layers}l"
     start = time.perf_counter()
     if os.path.exists(os.path.join(path, "model.safetensors.index.json")):
         RESULTS["weight_bytes"] = json.load(
@@ -199,37 +186,51 @@ def main() -> None:
     inputs = [{"prompt_token_ids": p} for p in prompts(args.batch, prompt_len, config.vocab_size)]
     max_len = prompt_len + new_tokens + 16
 
-    llm = engine(path, args, max_len, lora=False)
-    RESULTS["base"] = time_case(llm, inputs, new_tokens, None)
-    print("base model", RESULTS["base"], flush=True)
-    save()
-    shutdown(llm)
-    del llm
-
-    from vllm.lora.request import LoRARequest
-
-    requests = [LoRARequest(f"lora{i}", i + 1, p) for i, p in enumerate(adapters)]
-    llm = engine(path, args, max_len, lora=True)
-    for n in args.adapters:
-        lora = [requests[i % n] for i in range(args.batch)] if n else None
-        RESULTS[f"adapters@{n}"] = time_case(llm, inputs, new_tokens, lora)
-        print(f"{n} adapters", RESULTS[f"adapters@{n}"], flush=True)
+    def run_base() -> None:
+        llm = engine(path, args, max_len, lora=False)
+        RESULTS["base"] = time_case(llm, inputs, new_tokens, None)
+        print("base model", RESULTS["base"], flush=True)
         save()
-    shutdown(llm)
+        shutdown(llm)
+
+    def run_lora() -> None:
+        from vllm.lora.request import LoRARequest
+
+        requests = [LoRARequest(f"lora{i}", i + 1, p) for i, p in enumerate(adapters)]
+        llm = engine(path, args, max_len, lora=True)
+        for n in args.adapters:
+            lora = [requests[i % n] for i in range(args.batch)] if n else None
+            RESULTS[f"adapters@{n}"] = time_case(llm, inputs, new_tokens, lora)
+            print(f"{n} adapters", RESULTS[f"adapters@{n}"], flush=True)
+            save()
+        shutdown(llm)
+
+    RESULTS["order"] = "lora first" if args.lora_first else "base first"
+    for run in (run_lora, run_base) if args.lora_first else (run_base, run_lora):
+        run()
 
     base = RESULTS["base"]["decode_tok_s"]
     print(
         f"\n{args.device}: Llama {'2-layer smoke' if small else '3-8B'} shape bf16, batch "
         f"{args.batch}, prompts {prompt_len}, {new_tokens} new tokens, rank {args.rank} on all "
         f"7 projections, max_loras {count} (adapter {RESULTS['adapter_bytes'][0] / 1e6:.1f} MB); "
-        f"start-up {RESULTS['startup_s']:.0f} s base, {RESULTS['startup_s_lora']:.0f} s LoRA"
+        f"start-up {RESULTS['startup_s']:.0f} s base, {RESULTS['startup_s_lora']:.0f} s LoRA; "
+        f"{RESULTS['order']}"
     )
-    print("| engine | adapters in the batch | decode tok/s | vs base model |")
-    print("|---|---|---|---|")
-    print(f"| base (no --enable-lora) | - | {base:.1f} | 1.00 |")
+    print(
+        "| engine | adapters in the batch | decode tok/s | vs base model | timed attempts, "
+        "compiles in the last |"
+    )
+    print("|---|---|---|---|---|")
+    rounds = RESULTS["base"]["timed_attempts"], RESULTS["base"]["compiles_in_timed_runs"]
+    print(f"| base (no --enable-lora) | - | {base:.1f} | 1.00 | {rounds[0]}, {rounds[1]} |")
     for n in args.adapters:
-        ours = RESULTS[f"adapters@{n}"]["decode_tok_s"]
-        print(f"| --enable-lora | {n} | {ours:.1f} | {ours / base:.2f} |")
+        case = RESULTS[f"adapters@{n}"]
+        ours = case["decode_tok_s"]
+        print(
+            f"| --enable-lora | {n} | {ours:.1f} | {ours / base:.2f} | "
+            f"{case['timed_attempts']}, {case['compiles_in_timed_runs']} |"
+        )
 
 
 if __name__ == "__main__":

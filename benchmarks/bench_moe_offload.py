@@ -124,6 +124,8 @@ def stage_steps(path: str, prompt_len: int, steps: int) -> None:
         if stepper.offload is not None:
             out["h2d_bytes_s"] = stepper.offload.bandwidth
             out["expert_bytes"] = stepper.offload.expert_bytes
+        print(mode, "loaded", out, flush=True)
+        save(out)
         for batch in BATCHES:
             ids = prompts(batch, prompt_len, cfg.vocab_size)
             for skew in SKEWS:
@@ -135,7 +137,7 @@ def stage_steps(path: str, prompt_len: int, steps: int) -> None:
                     row |= result.steady
                 out[f"steps/{mode}/{batch}/{skew}"] = row
                 print(mode, batch, skew, row, flush=True)
-        save(out)
+                save(out)  # a run cut short keeps every finished row
         if mode == "resident":
             stepper = None
             gc.collect()

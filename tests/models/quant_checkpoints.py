@@ -33,6 +33,12 @@ SCHEMES = {
         dict(num_bits=8, type="int", strategy="token", dynamic=True),
         "int-quantized",
     ),
+    # int8 weight-only as llm-compressor writes it (W8A16 recipe): four values to an int32
+    "int8-w8a16-packed": (
+        dict(num_bits=8, type="int", strategy="channel"),
+        None,
+        "pack-quantized",
+    ),
     "int4-w4a16": (
         dict(num_bits=4, type="int", strategy="group", group_size=32),
         None,

@@ -8,6 +8,9 @@ TPU7x (fp8 MXU) runs in the slow tier.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,30 +103,15 @@ def test_attention_reads_fp8_pages(topology):
 
 # ---------------------------------------------------------------- the whole engine, quantized
 
-INT8_W8A8 = {  # a compressed-tensors config.json entry, as llm-compressor writes it
-    "quant_method": "compressed-tensors",
-    "format": "int-quantized",
-    "ignore": ["lm_head"],
-    "config_groups": {
-        "group_0": {
-            "targets": ["Linear"],
-            "weights": {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True},
-            "input_activations": {
-                "num_bits": 8,
-                "type": "int",
-                "strategy": "token",
-                "dynamic": True,
-                "symmetric": True,
-            },
-        }
-    },
-}
+# a compressed-tensors config.json entry as llm-compressor writes it (W8A8 INT8): the one of
+# the planner's example config, which benchmarks/bench_quantized.py writes too
+INT8_W8A8 = json.loads(
+    (Path(__file__).parents[2] / "examples/plan_configs/llama-3-8b-int8-w8a8.json").read_text()
+)["quantization_config"]
 
 
 def llama_dir(tmp_path_factory, quantization_config: dict | None):
     """config.json only (the planner needs no weights): a small Llama with TPU-shaped rows."""
-    import json
-
     from transformers import LlamaConfig
 
     from tests.conftest import SMALL

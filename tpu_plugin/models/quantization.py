@@ -18,7 +18,7 @@ Formats taken (``--quantization`` or the checkpoint's ``quant_method``):
   INT8 weights with channel or tensor scales, activations none (W8A16), dynamic per token or
   static per tensor (W8A8);
 - ``compressed-tensors`` ``pack-quantized``: INT4 weights in groups, symmetric or with zero
-  points (W4A16);
+  points (W4A16), and INT8 weights with channel or tensor scales (W8A16, four to an int32);
 - ``awq`` (GEMM): INT4 ``qweight`` / ``qzeros`` / ``scales`` in groups (W4A16, zero points).
 
 Anything else stops at start-up naming what is taken. Why not qwix: qwix quantizes a flax
@@ -44,7 +44,7 @@ from tpu_kernels.quantized_matmul.reference import quantize_per_channel
 
 TAKEN = (
     "fp8 (--quantization fp8), compressed-tensors (FP8/INT8 W8A16 and W8A8 with channel or "
-    "tensor scales, INT4 W4A16 groups), awq (INT4 GEMM)"
+    "tensor scales, INT8 W8A16 and INT4 W4A16 groups pack-quantized), awq (INT4 GEMM)"
 )
 KV_CACHE_DTYPES = {"auto": None, "fp8": jnp.float8_e4m3fn, "fp8_e4m3": jnp.float8_e4m3fn}
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's nibble order within an int32
@@ -137,11 +137,16 @@ def _matches(pattern: str, module: str) -> bool:
 
 
 def _unpack_int32_rows(words: jax.Array, scheme: Scheme) -> jax.Array:
-    """compressed-tensors' pack-quantized ``[rows, K / 8]`` int32 (element ``8 i + j`` in bits
-    ``4 j``), offset by 8: symmetric weights become int4, asymmetric ones uint4."""
+    """compressed-tensors' pack-quantized ``[rows, K / (32 / b)]`` int32 for ``b``-bit values
+    (element ``n i + j`` of ``n = 32 / b`` in bits ``b j``), offset by ``2^(b - 1)``: 4-bit
+    symmetric weights become int4, asymmetric ones uint4; 8-bit ones (W8A16) int8."""
+    bits = scheme.bits
     words = np.asarray(words).astype(np.uint32)
-    nibbles = (words[..., None] >> (4 * np.arange(8, dtype=np.uint32))) & 0xF
-    values = nibbles.reshape(*words.shape[:-1], -1).astype(np.int8)
+    shifts = bits * np.arange(32 // bits, dtype=np.uint32)
+    fields = (words[..., None] >> shifts) & np.uint32((1 << bits) - 1)
+    values = fields.reshape(*words.shape[:-1], -1).astype(np.int16)
+    if bits == 8:
+        return jnp.asarray(values - 128, jnp.int8)
     if scheme.zero_point:
         return jnp.asarray(values, jnp.uint4)
     return jnp.asarray(values - 8, jnp.int4)
@@ -227,7 +232,11 @@ def _ct_scheme(name: str, group: dict, fmt: str | None) -> Scheme | None:
         if not weights.get("symmetric", True):
             raise QuantizationError(f"{where}: asymmetric 8-bit weights are not supported")
         weight = "float8_e4m3fn" if kind == "float" else "int8"
-        if acts is None:
+        if fmt == "pack-quantized" and (kind != "int" or acts is not None):
+            raise QuantizationError(
+                f"{where}: pack-quantized 8-bit weights are supported as int W8A16 only"
+            )
+        if acts is None:  # int8 W8A16 comes packed (vLLM's parser takes it only so)
             return Scheme(weight)
         if acts.get("num_bits") != 8 or acts.get("type") != kind:
             raise QuantizationError(f"{where}: activations must be {kind} 8-bit like the weights")

@@ -266,6 +266,32 @@ def lower_forward(jitted: Any, params: Any, kv_caches: Any, step: Any) -> Any:
     return jitted.lower(params, kv_caches, step)
 
 
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_backend_compiles = [0]  # this process's XLA compilations (cache hits included), once counted
+
+
+def _count_backend_compile(event: str, duration: float, **_: object) -> None:
+    if event == BACKEND_COMPILE_EVENT:
+        _backend_compiles[0] += 1
+
+
+def count_backend_compiles() -> None:
+    """Counts this process's XLA compilations from now on (idempotent): what benchmarks read
+    through :func:`worker_compile_count` to prove a timed run compiled nothing."""
+    if not getattr(count_backend_compiles, "registered", False):
+        jax.monitoring.register_event_duration_secs_listener(_count_backend_compile)
+        count_backend_compiles.registered = True  # type: ignore[attr-defined]
+
+
+def worker_compile_count(worker: Any) -> int:
+    """XLA compilations in vLLM's worker process since its model runner started
+    (``LLM.collective_rpc(worker_compile_count)``). With ``TPU_PLUGIN_PRECOMPILE=0`` every new
+    step shape compiles while serving, and vLLM's asynchronous scheduling mixes prefill chunks
+    and decode rows differently from run to run: a benchmark's warm-up is only done when a
+    repeat of the run compiles nothing."""
+    return _backend_compiles[0]
+
+
 def enable_persistent_cache() -> None:
     """Points JAX's compilation cache at ``TPU_PLUGIN_COMPILE_CACHE`` (unless "off")."""
     cache_dir = envs.compile_cache_dir()

@@ -37,6 +37,7 @@ from tpu_plugin.runner import kv_cache
 from tpu_plugin.runner.async_output import AsyncStepOutput, record_tokens, start_host_copy
 from tpu_plugin.runner.compile import (
     LazyCompiles,
+    count_backend_compiles,
     enable_persistent_cache,
     logprobs_width,
     run_sampler,
@@ -187,6 +188,7 @@ class JaxModelRunner:
     # ---- start-up -------------------------------------------------------------------------
     def load_model(self) -> None:
         enable_persistent_cache()
+        count_backend_compiles()
         # Sampler programs by shape and flags (precompile.precompile, compile.run_sampler).
         self._compiled_samplers: dict[tuple, Any] = {}
         start = time.perf_counter()
