@@ -9,7 +9,9 @@
    to the resident model's) in a child process: resident, ``lru`` and ``predict`` with the
    device cache at a quarter of the experts, batch 1 and 8, and the router replaced by a
    declared per-request Zipf affinity (``tpu_plugin/tools/skewed_routing.py``) at several
-   skews (0 = uniform, what random weights do). Per case: decode ms/step, hit rate, bytes
+   skews (0 = uniform, what random weights do). ``predict-c4``: predict with its demand copies
+   issued 4 a loop iteration (``TPU_PLUGIN_MOE_OFFLOAD_COPY_CHUNK``; ``--copy-chunks``).
+   Per case: decode ms/step, hit rate, bytes
    host-to-device per token, the stall (offload step - resident step) against the demand
    misses' bytes / the measured host-to-device bandwidth (the offload's own in-program copy,
    ``expert_cache.measure_fetch_bandwidth``).
@@ -93,7 +95,7 @@ def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int
 
 
 # ---- stage 2: direct steps, declared skew ------------------------------------------------------
-def stage_steps(path: str, prompt_len: int, steps: int) -> None:
+def stage_steps(path: str, prompt_len: int, steps: int, chunks: list[int]) -> None:
     import gc
 
     import jax
@@ -110,7 +112,9 @@ def stage_steps(path: str, prompt_len: int, steps: int) -> None:
     save({"distinct_per_layer": distinct})
     pages = -(-(prompt_len + steps) // 16) + 1  # 16-token pages for prompt + decode
     stepper = None
-    for mode in ("resident", *POLICIES):
+    # predict-c4: predict with its demand copies issued 4 a loop iteration (COPY_CHUNK)
+    variants = [f"predict-c{c}" for c in chunks if c > 1]
+    for mode in ("resident", *POLICIES, *variants):
         start = time.perf_counter()
         if mode == "resident":
             stepper = load(path, rows, None, dtype=jnp.bfloat16, pages_per_seq=pages)
@@ -119,7 +123,8 @@ def stage_steps(path: str, prompt_len: int, steps: int) -> None:
             stepper = load(path, rows, offload, dtype=jnp.bfloat16, pages_per_seq=pages)
         else:
             stepper.offload.cache = None  # the last policy's device cache goes first
-            stepper = stepper.with_policy(mode)
+            policy, _, chunk = mode.partition("-c")
+            stepper = stepper.with_policy(policy, copy_chunk=int(chunk or 1))
         out = {f"steps_load_s/{mode}": time.perf_counter() - start}
         if stepper.offload is not None:
             out["h2d_bytes_s"] = stepper.offload.bandwidth
@@ -222,7 +227,8 @@ def print_tables(r: dict, model_bytes: int, cap: int) -> None:
         "MB h2d/token | stall ms/token | demand bytes/bw ms/token | stall / that |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for policy in POLICIES:
+    variants = sorted({k.split("/")[1] for k in r if k.startswith("steps/predict-c")})
+    for policy in (*POLICIES, *variants):
         for batch in BATCHES:
             for skew in SKEWS:
                 row = r.get(f"steps/{policy}/{batch}/{skew}")
@@ -294,6 +300,13 @@ def main() -> None:
         default=["resident", *POLICIES],
         help="the engine stage's engines (the direct steps compare the policies already)",
     )
+    parser.add_argument(
+        "--copy-chunks",
+        type=int,
+        nargs="+",
+        default=[1, 4],
+        help="direct steps: predict again with demand copies this many a loop iteration",
+    )
     parser.add_argument("--stage", choices=("steps", "engine"), help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
@@ -303,7 +316,7 @@ def main() -> None:
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc(function)
     os.environ.setdefault("TPU_PLUGIN_PRECOMPILE", "0")  # the warm-up run compiles instead
     if args.stage == "steps":
-        return stage_steps(args.path, prompt_len, steps)
+        return stage_steps(args.path, prompt_len, steps, args.copy_chunks)
     if args.stage == "engine":
         return stage_engine(args.path, args.mode, prompt_len, new_tokens)
 
@@ -331,7 +344,8 @@ def main() -> None:
     )
     me = [sys.executable, os.path.abspath(__file__)] + (["--smoke"] if args.smoke else [])
     if args.only != "engine":
-        subprocess.run([*me, "--stage", "steps", "--path", path], check=False)
+        chunks = ["--copy-chunks", *map(str, args.copy_chunks)]
+        subprocess.run([*me, "--stage", "steps", "--path", path, *chunks], check=False)
     for mode in args.engines if args.only != "steps" else ():
         env = dict(os.environ)
         if mode != "resident":

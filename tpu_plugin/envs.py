@@ -166,6 +166,22 @@ def moe_offload_prefetch(raw: str | int | None = None) -> int:
     return int(text)
 
 
+def moe_offload_copy_chunk(raw: str | int | None = None) -> int:
+    """``TPU_PLUGIN_MOE_OFFLOAD_COPY_CHUNK``: demand copies issued together per MoE layer
+    (default 1). A layer's misses are copied by a loop whose trip count depends on the
+    routing; XLA GPU reads such a loop's condition on the host every iteration, so each copy
+    costs a device-to-host sync. ``C`` copies an iteration cut the syncs ``C``-fold, paying up
+    to ``C - 1`` copies more a layer (written to the trash slot). Not yet measured on a GPU."""
+    if raw is None:
+        raw = os.environ.get("TPU_PLUGIN_MOE_OFFLOAD_COPY_CHUNK", "1")
+    text = str(raw).strip()
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(
+            f"TPU_PLUGIN_MOE_OFFLOAD_COPY_CHUNK={raw!r} is not valid; give a count (1 or more)"
+        )
+    return int(text)
+
+
 def plugin_home() -> str:
     """``TPU_PLUGIN_HOME``: cache root for built models and compiled programs."""
     default = os.path.join(os.path.expanduser("~"), ".cache", "tpu-plugin")

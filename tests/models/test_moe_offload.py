@@ -54,17 +54,19 @@ def test_offloaded_logits_equal_resident(tmp_path, family):
     step's logits equal the resident model's exactly; the cache fetched, evicted, prefetched
     (predict) and served the prefill in overflow passes. LRU runs on the predict stepper's
     host experts (``Stepper.with_policy``, what the benchmark does), so that path is proven
-    equal too."""
+    equal too, and so is LRU with its demand copies issued four a loop iteration."""
     from tpu_plugin.tools.offload_steps import load
 
     model_dir = make_checkpoint(tmp_path, family)
     resident, _ = run_steps(model_dir, PROMPTS, 6)
     stepper = load(str(model_dir), len(PROMPTS), ("predict", ("experts", 3), 2))
-    for policy in ("predict", "lru"):
-        if policy != stepper.offload.policy:
-            stepper = stepper.with_policy(policy)
+    for policy, chunk in (("predict", 1), ("lru", 1), ("lru", 4)):
+        if (policy, chunk) != (stepper.offload.policy, stepper.offload.spec.copy_chunk):
+            stepper = stepper.with_policy(policy, copy_chunk=chunk)
         result = stepper.run(PROMPTS, 6)
         got, counts = result.logits, result.counters
+        # TPU_PLUGIN_MOE_OFFLOAD_COPY_CHUNK=4: the same experts copied, spares to the trash
+        assert (counts["padding_copies"] > 0) == (chunk > 1), counts
         print(f"{family} {policy}: {counts}")
         for i, (a, b) in enumerate(zip(resident, got, strict=True)):
             assert np.array_equal(a, b), f"{family} {policy}: step {i} logits differ"

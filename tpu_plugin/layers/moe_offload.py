@@ -40,8 +40,10 @@ each pass computing its experts' per-choice outputs with the same kernel (weight
 per row) and the weighted sum done last, as the kernel does it: exact in float32; in bf16 each
 expert's output is rounded before the sum.
 
-On GPU, XLA reads a data-dependent loop's condition on the host, so every MoE layer adds one
-device-to-host sync (the resident path's own tile loop already has one).
+On GPU, XLA reads a data-dependent loop's condition on the host at every iteration, so each
+demand copy adds a device-to-host sync (the resident path's own tile loop has them too);
+``copy_chunk`` (``TPU_PLUGIN_MOE_OFFLOAD_COPY_CHUNK``) issues that many copies an iteration,
+the last iteration's spares written to the trash slot.
 """
 
 from __future__ import annotations
@@ -64,9 +66,10 @@ PRIORITY_LEVELS = (1 << 14) - 1  # predicted-use resolution of a slot's score
 PROTECTED = jnp.iinfo(jnp.int32).max
 PRIOR_DECAY = 0.995  # per step: the population prior follows the last few hundred steps
 # Stats columns, per MoE layer, accumulated over steps (ExpertCache.stats).
-# PASSES: overflow passes (0 when the layer's experts fit the cache at once).
-NEEDED, HITS, FETCHED, PREFETCHED, WASTED, PASSES = range(6)
-STAT_NAMES = ("needed", "hits", "fetched", "prefetched", "wasted", "passes")
+# PASSES: overflow passes (0 when the layer's experts fit the cache at once); PADDING: copies
+# into the trash slot that fill the last chunk of a layer's demand copies (copy_chunk > 1).
+NEEDED, HITS, FETCHED, PREFETCHED, WASTED, PASSES, PADDING = range(7)
+STAT_NAMES = ("needed", "hits", "fetched", "prefetched", "wasted", "passes", "padding")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +83,7 @@ class OffloadSpec:
     slots: int  # N: device slots shared by all MoE layers
     prefetch: int = 0  # copies a step (predict only)
     rows: int = 1  # history rows: the runner's batch slots (max_num_seqs)
+    copy_chunk: int = 1  # demand copies per loop iteration (envs.moe_offload_copy_chunk)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -377,9 +381,12 @@ class StepTrace:
         e = self.spec.num_experts
         return self.cache.slot_of[layer * e : (layer + 1) * e]
 
-    def _fetch_missing(self, layer: int, needed: jax.Array, most: int) -> jax.Array:
+    def _fetch_missing(
+        self, layer: int, needed: jax.Array, most: int
+    ) -> tuple[jax.Array, jax.Array]:
         """Copies the ``needed`` experts of ``layer`` that are not resident (at most ``most``)
-        into victims; returns how many were copied."""
+        into victims, ``copy_chunk`` an iteration (the last chunk's spare copies go to the
+        trash slot); returns how many experts were copied and how many spare copies."""
         spec, cache = self.spec, self.cache
         resident = self._resident_slots(layer)
         missing = needed & (resident < 0)
@@ -389,11 +396,19 @@ class StepTrace:
         scores = self._scores(cache).at[keep].set(PROTECTED, mode="drop")
         victims = lax.top_k(-scores, most)[1].astype(jnp.int32)
 
-        def copy(i: jax.Array, cache: ExpertCache) -> ExpertCache:
-            return self._install(cache, layer * spec.num_experts + experts[i], victims[i])
+        chunk = spec.copy_chunk
 
-        self.cache = lax.fori_loop(0, count, copy, cache)
-        return count
+        def copy(c: jax.Array, cache: ExpertCache) -> ExpertCache:
+            for j in range(chunk):
+                i = c * chunk + j
+                at = jnp.minimum(i, most - 1)
+                slot = jnp.where(i < count, victims[at], spec.slots)  # spare: the trash slot
+                cache = self._install(cache, layer * spec.num_experts + experts[at], slot)
+            return cache
+
+        chunks = (count + chunk - 1) // chunk
+        self.cache = lax.fori_loop(0, chunks, copy, cache)
+        return count, chunks * chunk - count
 
     def _call_kernel(self, x, weights, slots, activation: str, top_k: int) -> jax.Array:
         kwargs = {}
@@ -411,14 +426,14 @@ class StepTrace:
         spec = self.spec
         most = min(spec.num_experts, ids.size, spec.slots)
         hits = jnp.sum(needed & (self._resident_slots(layer) >= 0)).astype(jnp.int32)
-        fetched = self._fetch_missing(layer, needed, most)
+        fetched, spare = self._fetch_missing(layer, needed, most)
         key_of = layer * spec.num_experts + jnp.minimum(flat, spec.num_experts - 1)
         slots = jnp.where(flat < spec.num_experts, self.cache.slot_of[key_of], -1)
         self._touch(slots)
         out = self._call_kernel(x, weights, slots.reshape(ids.shape), activation, ids.shape[1])
         stats = jnp.zeros((len(STAT_NAMES),), jnp.int32)
         stats = stats.at[NEEDED].set(jnp.sum(needed)).at[HITS].set(hits).at[FETCHED].set(fetched)
-        return out, stats
+        return out, stats.at[PADDING].set(spare)
 
     def _passes(self, layer, x, weights, flat, needed, activation):
         """Overflow: passes of at most ``N`` experts, per-choice outputs, summed last."""
@@ -433,34 +448,30 @@ class StepTrace:
         key_of = layer * spec.num_experts + jnp.minimum(flat, spec.num_experts - 1)
 
         def one(carry):
-            cache, remaining, total, fetched, passes = carry
+            cache, remaining, total, fetched, spare, passes = carry
             self.cache = cache
             resident = self._resident_slots(layer) >= 0
             here = remaining & resident
             room = spec.slots - jnp.sum(here)
             later = remaining & ~resident
             chosen = here | (later & (jnp.cumsum(later) <= room))
-            fetched = fetched + self._fetch_missing(layer, chosen, most)
+            copied, padding = self._fetch_missing(layer, chosen, most)
+            fetched, spare = fetched + copied, spare + padding
             take = (flat < spec.num_experts) & chosen[jnp.minimum(flat, spec.num_experts - 1)]
             slots = jnp.where(take, self.cache.slot_of[key_of], -1)
             self._touch(slots)
             part = self._call_kernel(rows, ones, slots[:, None], activation, 1)
             total = total + part.astype(jnp.float32)
-            return self.cache, remaining & ~chosen, total, fetched, passes + 1
+            return self.cache, remaining & ~chosen, total, fetched, spare, passes + 1
 
-        init = (
-            self.cache,
-            needed,
-            jnp.zeros(rows.shape, jnp.float32),
-            jnp.zeros((), jnp.int32),
-            jnp.zeros((), jnp.int32),
-        )
-        cache, _, total, fetched, passes = lax.while_loop(lambda c: jnp.any(c[1]), one, init)
+        zero = jnp.zeros((), jnp.int32)
+        init = (self.cache, needed, jnp.zeros(rows.shape, jnp.float32), zero, zero, zero)
+        cache, _, total, fetched, spare, passes = lax.while_loop(lambda c: jnp.any(c[1]), one, init)
         self.cache = cache
         out = combine_choices(total, weights, x.dtype)
         stats = jnp.zeros((len(STAT_NAMES),), jnp.int32)
         stats = stats.at[NEEDED].set(jnp.sum(needed)).at[HITS].set(hits).at[FETCHED].set(fetched)
-        return out, stats.at[PASSES].set(passes)
+        return out, stats.at[PASSES].set(passes).at[PADDING].set(spare)
 
     def _touch(self, slots: jax.Array) -> None:
         c = self.cache

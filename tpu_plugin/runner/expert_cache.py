@@ -42,6 +42,7 @@ from tpu_plugin.layers.moe_offload import (
     FETCHED,
     HITS,
     NEEDED,
+    PADDING,
     PASSES,
     PREFETCHED,
     WASTED,
@@ -143,7 +144,7 @@ def describe_counters(
         tokens = (tokens - before.tokens) % 2**32
     total = stats.sum(axis=0)
     needed, fetched = int(total[NEEDED]), int(total[FETCHED])
-    copies = fetched + int(total[PREFETCHED]) + int(total[WASTED])
+    copies = fetched + int(total[PREFETCHED]) + int(total[WASTED]) + int(total[PADDING])
     per_token = copies * expert_bytes / max(tokens, 1)
     return {
         "tokens": float(tokens),
@@ -155,6 +156,7 @@ def describe_counters(
         "prefetched": float(total[PREFETCHED]),
         "wasted_prefetches": float(total[WASTED]),
         "overflow_passes": float(total[PASSES]),
+        "padding_copies": float(total[PADDING]),
         "h2d_bytes_per_token": per_token,
         "demand_bytes": float(fetched * expert_bytes),
         "demand_stall_s": fetched * expert_bytes / bandwidth if bandwidth else 0.0,
@@ -243,7 +245,14 @@ class ExpertOffload:
         prefetch = self.prefetch if self.policy == "predict" else 0
         try:
             self.spec = OffloadSpec(
-                self.policy, layers, experts, spec0.top_k, slots, prefetch, self.rows
+                self.policy,
+                layers,
+                experts,
+                spec0.top_k,
+                slots,
+                prefetch,
+                self.rows,
+                envs.moe_offload_copy_chunk(),
             )
         except ValueError as error:
             raise StartupError(str(error)) from None

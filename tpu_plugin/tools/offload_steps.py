@@ -58,13 +58,17 @@ class Stepper:
         self.dtype, self.pages_per_seq, self.routing_seed = dtype, pages, seed
         self.jitted = step_program(graphdef, offload, seed)
 
-    def with_policy(self, policy: str) -> Stepper:
-        """The same loaded model and host experts under another offload policy (its own
-        program and cache): a benchmark compares policies without loading the experts twice."""
+    def with_policy(self, policy: str, copy_chunk: int | None = None) -> Stepper:
+        """The same loaded model and host experts under another offload policy (and demand
+        copies per loop iteration, ``TPU_PLUGIN_MOE_OFFLOAD_COPY_CHUNK``), with its own program
+        and cache: a benchmark compares them without loading the experts again."""
         off = copy.copy(self.offload)
         off.policy = policy
         off.spec = dataclasses.replace(
-            off.spec, policy=policy, prefetch=off.prefetch if policy == "predict" else 0
+            off.spec,
+            policy=policy,
+            prefetch=off.prefetch if policy == "predict" else 0,
+            copy_chunk=copy_chunk or off.spec.copy_chunk,
         )
         off.cache, off._owners, off._pending, off._last = None, {}, None, None
         return Stepper(
