@@ -15,7 +15,7 @@ One process, one run:
    requests with 0 adapters (every request on the base model), 1, 4 and 8 different adapters
    spread round robin over the batch.
 
-Each case is timed by ``gpu_suite.time_decode``: a warm-up, then the best of two prefill-only
+Each case is timed by ``decode_timing.time_decode``: a warm-up, then the best of two prefill-only
 runs (``max_tokens=1``) and a full run, repeated until they compiled nothing in the worker
 (``TPU_PLUGIN_PRECOMPILE=0`` keeps both engines' start-up short, so shapes compile on first
 use); decode tok/s = batch x (new tokens - 1) / (full - prefill).
@@ -101,8 +101,8 @@ def write_adapter(path: str, base: str, config, rank: int, seed: int) -> int:
 
 
 def time_case(llm, inputs: list, new_tokens: int, lora: list | None) -> dict:
-    """``gpu_suite.time_decode`` with the case's adapters; the first tokens of 4 requests."""
-    from gpu_suite import time_decode
+    """``decode_timing.time_decode`` with the case's adapters; the first tokens of 4 requests."""
+    from decode_timing import time_decode
 
     result = time_decode(llm, inputs, new_tokens, lora_request=lora)
     result["first_tokens"] = [list(o.outputs[0].token_ids[:6]) for o in result.pop("outputs")]

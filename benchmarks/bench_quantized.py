@@ -12,7 +12,7 @@
 3. the plugin through ``vllm.LLM`` on each: ``bf16`` (the reference, same run), the INT8
    checkpoints (read from their config.json) and ``fp8`` (the bf16 checkpoint with
    ``quantization="fp8"``: e4m3 weights made at load, weight-only); decode tok/s timed by
-   ``gpu_suite.time_decode`` (a warm-up, then timed runs repeated until they compile nothing);
+   ``decode_timing.time_decode`` (a warm-up, then timed runs repeated until they compile nothing);
 4. the HBM roofline per scheme: (weight bytes a decode step reads at that scheme's width +
    the bf16 KV bytes) / copy bandwidth.
 
