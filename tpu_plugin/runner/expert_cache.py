@@ -242,7 +242,6 @@ class ExpertOffload:
         experts = spec0.num_experts
         self.expert_bytes = 3 * spec0.intermediate_size * spec0.hidden_size * self.dtype.itemsize
         slots = cache_slots(self.cache_setting, layers, experts, self.expert_bytes)
-        prefetch = self.prefetch if self.policy == "predict" else 0
         try:
             self.spec = OffloadSpec(
                 self.policy,
@@ -250,13 +249,33 @@ class ExpertOffload:
                 experts,
                 spec0.top_k,
                 slots,
-                prefetch,
+                self._spec_prefetch(self.policy),
                 self.rows,
                 envs.moe_offload_copy_chunk(),
             )
         except ValueError as error:
             raise StartupError(str(error)) from None
         return blocks
+
+    def _spec_prefetch(self, policy: str) -> int:
+        """Prefetch copies a step: the setting for ``predict``, none for ``lru``."""
+        return self.prefetch if policy == "predict" else 0
+
+    def variant(self, policy: str, copy_chunk: int | None = None) -> ExpertOffload:
+        """This offload's host experts under another policy (and demand copies per loop
+        iteration, ``TPU_PLUGIN_MOE_OFFLOAD_COPY_CHUNK``), with fresh policy state and no
+        device cache yet (``fresh_cache`` builds one): benchmarks compare policies without
+        moving the experts to host memory again."""
+        other = ExpertOffload(policy, self.rows, self.plan, self.cache_setting, self.prefetch)
+        other.host, other.expert_bytes = self.host, self.expert_bytes
+        other.dtype, other.bandwidth = self.dtype, self.bandwidth
+        other.spec = dataclasses.replace(
+            self.spec,
+            policy=policy,
+            prefetch=self._spec_prefetch(policy),
+            copy_chunk=copy_chunk or self.spec.copy_chunk,
+        )
+        return other
 
     def abstract(self, model: nnx.Module) -> HostExperts:
         """Shapes only, for the TPU planner (``tools/tpu_aot.py``): ``model`` from

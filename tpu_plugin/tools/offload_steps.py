@@ -10,7 +10,6 @@ Kept here once so the benchmark times exactly what the tests prove equal to the 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from typing import Any
@@ -59,23 +58,13 @@ class Stepper:
         self.jitted = step_program(graphdef, offload, seed)
 
     def with_policy(self, policy: str, copy_chunk: int | None = None) -> Stepper:
-        """The same loaded model and host experts under another offload policy (and demand
-        copies per loop iteration, ``TPU_PLUGIN_MOE_OFFLOAD_COPY_CHUNK``), with its own program
-        and cache: a benchmark compares them without loading the experts again."""
-        off = copy.copy(self.offload)
-        off.policy = policy
-        off.spec = dataclasses.replace(
-            off.spec,
-            policy=policy,
-            prefetch=off.prefetch if policy == "predict" else 0,
-            copy_chunk=copy_chunk or off.spec.copy_chunk,
-        )
-        off.cache, off._owners, off._pending, off._last = None, {}, None, None
+        """The same loaded model and host experts under another offload policy
+        (``ExpertOffload.variant``), with its own program and cache."""
         return Stepper(
             self.cfg,
             self.graphdef,
             self.params,
-            off,
+            self.offload.variant(policy, copy_chunk),
             self.dtype,
             self.pages_per_seq,
             self.routing_seed,
