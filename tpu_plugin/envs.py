@@ -156,14 +156,7 @@ def moe_offload_prefetch(raw: str | int | None = None) -> int:
     """``TPU_PLUGIN_MOE_OFFLOAD_PREFETCH``: prefetch copies per step for ``predict`` (default
     4, 0 turns prefetch off); each is one expert, spread over groups of layers. ``raw``: as
     in :func:`moe_offload`."""
-    if raw is None:
-        raw = os.environ.get("TPU_PLUGIN_MOE_OFFLOAD_PREFETCH", "4")
-    text = str(raw).strip()
-    if not text.isdigit():
-        raise ValueError(
-            f"TPU_PLUGIN_MOE_OFFLOAD_PREFETCH={raw!r} is not valid; give a count (0 or more)"
-        )
-    return int(text)
+    return _count("TPU_PLUGIN_MOE_OFFLOAD_PREFETCH", raw, "4", minimum=0)
 
 
 def moe_offload_copy_chunk(raw: str | int | None = None) -> int:
@@ -172,13 +165,16 @@ def moe_offload_copy_chunk(raw: str | int | None = None) -> int:
     routing; XLA GPU reads such a loop's condition on the host every iteration, so each copy
     costs a device-to-host sync. ``C`` copies an iteration cut the syncs ``C``-fold, paying up
     to ``C - 1`` copies more a layer (written to the trash slot). Not yet measured on a GPU."""
+    return _count("TPU_PLUGIN_MOE_OFFLOAD_COPY_CHUNK", raw, "1", minimum=1)
+
+
+def _count(name: str, raw: str | int | None, default: str, *, minimum: int) -> int:
+    """Variable ``name`` (or ``raw``) as a whole number of at least ``minimum``."""
     if raw is None:
-        raw = os.environ.get("TPU_PLUGIN_MOE_OFFLOAD_COPY_CHUNK", "1")
+        raw = os.environ.get(name, default)
     text = str(raw).strip()
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(
-            f"TPU_PLUGIN_MOE_OFFLOAD_COPY_CHUNK={raw!r} is not valid; give a count (1 or more)"
-        )
+    if not text.isdigit() or int(text) < minimum:
+        raise ValueError(f"{name}={raw!r} is not valid; give a count ({minimum} or more)")
     return int(text)
 
 
