@@ -122,6 +122,15 @@ def _cut(name: str, tensor: jax.Array, targets: list[tuple[str, int | None]]) ->
     return (np if isinstance(tensor, np.ndarray) else jnp).split(tensor, bounds, axis=0)
 
 
+def _in_dtype(value: Any, dtype: Any, host: bool) -> Any:
+    """``value`` as a parameter of ``dtype``: host parameters (MoE offload) stay NumPy and, in
+    the file's own dtype, views of the mapped file (one copy later, into the host stack);
+    device ones become jax arrays."""
+    if host:
+        return np.asarray(value).astype(dtype, copy=False)
+    return jnp.asarray(value).astype(dtype)
+
+
 class _Stacker:
     """Collects per-expert checkpoint tensors and stacks them into ``[E, rows, ...]`` params."""
 
@@ -491,11 +500,7 @@ def load_model(
                 )
             # the parameter's dtype: ``dtype``, except for the few a port keeps in float32
             # (e.g. a router's correction bias) and the quantized layers' own types
-            dtype_wanted = wanted[target].get_value().dtype
-            if on_host(target):  # a view of the mapped file until take_experts copies it once
-                loaded[target] = np.asarray(part).astype(dtype_wanted, copy=False)
-            else:
-                loaded[target] = jnp.asarray(part).astype(dtype_wanted)
+            loaded[target] = _in_dtype(part, wanted[target].get_value().dtype, on_host(target))
 
     for file in files:
         host_reader = HostReader(file)
@@ -513,11 +518,14 @@ def load_model(
                             "(keep them bf16) or use a bf16 checkpoint"
                         )
                     expected = tuple(wanted[hit[0]].get_value().shape)
-                    dtype_wanted = wanted[hit[0]].get_value().dtype
-                    if on_host(hit[0]):  # no copy when the file holds the serving dtype
-                        tensor = host_reader.get_tensor(stored).astype(dtype_wanted, copy=False)
-                    else:
-                        tensor = read_on_device(reader, host_reader, stored).astype(dtype_wanted)
+                    host = on_host(hit[0])
+                    tensor = _in_dtype(
+                        host_reader.get_tensor(stored)
+                        if host
+                        else read_on_device(reader, host_reader, stored),
+                        wanted[hit[0]].get_value().dtype,
+                        host,
+                    )
                     stacker.add(name, tensor, hit, expected)
                     continue
                 targets = split_targets(name, fused)
