@@ -56,9 +56,10 @@ def int8_w8a16_config() -> dict:
 def write_int8_checkpoint(src: str, dst: str, packed: bool = False) -> int:
     """``src`` (bf16) with every decoder linear weight as int8 + per-row scale
     (``max|w| / 127``, compressed-tensors' channel scheme); returns the weight bytes.
-    ``packed``: W8A16 in the pack-quantized format (``weight_packed``: value + 128, four to a
-    little-endian int32 along K, compressed-tensors' ``pack_to_int32``), else W8A8."""
+    ``packed``: W8A16 in the pack-quantized format (``weight_packed``, four values to an int32
+    by compressed-tensors' ``pack_to_int32``), else W8A8."""
     import torch
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from safetensors.torch import load_file, save_file
 
     os.makedirs(dst, exist_ok=True)
@@ -79,12 +80,8 @@ def write_int8_checkpoint(src: str, dst: str, packed: bool = False) -> int:
                 scale = w.abs().amax(dim=1, keepdim=True) / 127.0
                 q = torch.clamp(torch.round(w / scale), -127, 127).to(torch.int8)
                 shard[f"{module}.weight_scale"] = scale.cpu()
-                if packed:
-                    u = (q.to(torch.int32) + 128).reshape(q.shape[0], -1, 4)
-                    shifts = torch.arange(4, device=u.device, dtype=torch.int32) * 8
-                    words = (u << shifts).sum(dim=2, dtype=torch.int64)
-                    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-                    shard[f"{module}.weight_packed"] = words.cpu()
+                if packed:  # the format's own packer (its wheel travels to the device)
+                    shard[f"{module}.weight_packed"] = pack_to_int32(q, 8).cpu()
                     shard[f"{module}.weight_shape"] = torch.tensor(list(q.shape))
                 else:
                     shard[key] = q.cpu()
