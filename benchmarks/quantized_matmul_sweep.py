@@ -122,7 +122,7 @@ def measure(scheme, m, n, k, weights, config, bw, interpret, iters) -> dict:
 def candidates(m: int, n: int, k: int, smoke: bool) -> list:
     from tpu_kernels.quantized_matmul import gpu
 
-    block_m = max(gpu.MIN_DOT_SIZE, 1 << max(0, m - 1).bit_length())
+    block_m = gpu.default_config(m, n, k).block_m
     out = []
     for bn in (16, 32) if smoke else (32, 64, 128):
         for bk in (16, 32) if smoke else (128, 256, 512):
