@@ -21,8 +21,9 @@ import pytest
 from transformers import LlamaConfig
 
 from tests.conftest import SMALL, make_random_checkpoint, random_prompts
+from tpu_plugin.runner.compile import BACKEND_COMPILE_EVENT
 
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+COMPILE_EVENT = BACKEND_COMPILE_EVENT  # the event the runner counts (worker_compile_count)
 ROOT = str(Path(__file__).resolve().parents[2])  # the children import tests.conftest
 
 
