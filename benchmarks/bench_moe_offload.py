@@ -95,7 +95,39 @@ def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int
 
 
 # ---- stage 2: direct steps, declared skew ------------------------------------------------------
-def stage_steps(path: str, prompt_len: int, steps: int, chunks: list[int]) -> None:
+def profile_steps(stepper, ids, affinity, name: str) -> None:
+    """A profiler trace of 6 warm steps under ``$OUT/trace_<name>``, summarised: device time
+    per step against wall time per step (the gap is the device waiting on the host) and the
+    instructions that take the most device time."""
+    import collections
+    import glob
+
+    import jax
+
+    from tpu_plugin.tools.hlo_trace import trace_events
+
+    folder = os.path.join(OUT, f"trace_{name}")
+    steps = 6
+    with jax.profiler.trace(folder):
+        result = stepper.run(ids, steps, affinity)
+    wall = 1e3 * sum(result.decode_s) / len(result.decode_s)
+    events = trace_events(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
+    per_name: dict[str, float] = collections.Counter()
+    calls: dict[str, int] = collections.Counter()
+    for op, ns in events:
+        per_name[op] += ns
+        calls[op] += 1
+    busy = sum(per_name.values()) / 1e6 / steps  # the prefill counts too: an upper bound
+    print(
+        f"profile {name}: wall {wall:.2f} ms/decode step; device busy {busy:.2f} ms/step "
+        f"(all {steps} steps, prefill included); {len(events) // steps} kernels/step"
+    )
+    for op, ns in sorted(per_name.items(), key=lambda item: -item[1])[:15]:
+        print(f"  {ns / 1e6 / steps:8.3f} ms/step  {calls[op] / steps:6.1f}x  {op[:90]}")
+    save({f"profile/{name}": {"wall_ms": wall, "busy_ms": busy}})
+
+
+def stage_steps(path: str, prompt_len: int, steps: int, chunks: list[int], profile: bool) -> None:
     import gc
 
     import jax
@@ -114,6 +146,7 @@ def stage_steps(path: str, prompt_len: int, steps: int, chunks: list[int]) -> No
     stepper = None
     # predict-c4: predict with its demand copies issued 4 a loop iteration (COPY_CHUNK)
     variants = [f"predict-c{c}" for c in chunks if c > 1]
+    batches, skews = ((1,), (0.8,)) if profile else (BATCHES, SKEWS)
     for mode in ("resident", *POLICIES, *variants):
         start = time.perf_counter()
         if mode == "resident":
@@ -131,9 +164,9 @@ def stage_steps(path: str, prompt_len: int, steps: int, chunks: list[int]) -> No
             out["expert_bytes"] = stepper.offload.expert_bytes
         print(mode, "loaded", out, flush=True)
         save(out)
-        for batch in BATCHES:
+        for batch in batches:
             ids = prompts(batch, prompt_len, cfg.vocab_size)
-            for skew in SKEWS:
+            for skew in skews:
                 affinity = jnp.asarray(zipf_affinity(batch, batch, layers, experts, skew))
                 result = stepper.run(ids, steps, affinity)
                 timed = result.decode_s[1:]  # the first decode step compiles
@@ -143,6 +176,8 @@ def stage_steps(path: str, prompt_len: int, steps: int, chunks: list[int]) -> No
                 out[f"steps/{mode}/{batch}/{skew}"] = row
                 print(mode, batch, skew, row, flush=True)
                 save(out)  # a run cut short keeps every finished row
+                if profile:
+                    profile_steps(stepper, ids, affinity, f"{mode}_b{batch}_s{skew}")
         if mode == "resident":
             stepper = None
             gc.collect()
@@ -307,6 +342,11 @@ def main() -> None:
         default=[1, 4],
         help="direct steps: predict again with demand copies this many a loop iteration",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="direct steps at batch 1, skew 0.8 only, each mode profiled (trace under $OUT)",
+    )
     parser.add_argument("--stage", choices=("steps", "engine"), help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
@@ -316,7 +356,7 @@ def main() -> None:
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc(function)
     os.environ.setdefault("TPU_PLUGIN_PRECOMPILE", "0")  # the warm-up run compiles instead
     if args.stage == "steps":
-        return stage_steps(args.path, prompt_len, steps, args.copy_chunks)
+        return stage_steps(args.path, prompt_len, steps, args.copy_chunks, args.profile)
     if args.stage == "engine":
         return stage_engine(args.path, args.mode, prompt_len, new_tokens)
 
@@ -345,6 +385,7 @@ def main() -> None:
     me = [sys.executable, os.path.abspath(__file__)] + (["--smoke"] if args.smoke else [])
     if args.only != "engine":
         chunks = ["--copy-chunks", *map(str, args.copy_chunks)]
+        chunks += ["--profile"] if args.profile else []
         subprocess.run([*me, "--stage", "steps", "--path", path, *chunks], check=False)
     for mode in args.engines if args.only != "steps" else ():
         env = dict(os.environ)
