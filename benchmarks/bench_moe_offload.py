@@ -101,6 +101,7 @@ def profile_steps(stepper, ids, affinity, name: str) -> None:
     instructions that take the most device time."""
     import collections
     import glob
+    import shutil
 
     import jax
 
@@ -111,7 +112,9 @@ def profile_steps(stepper, ids, affinity, name: str) -> None:
     with jax.profiler.trace(folder):
         result = stepper.run(ids, steps, affinity)
     wall = 1e3 * sum(result.decode_s) / len(result.decode_s)
-    events = trace_events(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
+    trace = glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0]
+    shutil.copy(trace, os.path.join(OUT, f"xplane_{name}.pb"))  # the tool fetches flat files
+    events = trace_events(trace)
     per_name: dict[str, float] = collections.Counter()
     calls: dict[str, int] = collections.Counter()
     for op, ns in events:
