@@ -40,10 +40,15 @@ each pass computing its experts' per-choice outputs with the same kernel (weight
 per row) and the weighted sum done last, as the kernel does it: exact in float32; in bf16 each
 expert's output is rounded before the sum.
 
-On GPU, XLA reads a data-dependent loop's condition on the host at every iteration, so each
-demand copy adds a device-to-host sync (the resident path's own tile loop has them too);
+On GPU (H200 profile of a 12-layer Qwen3-30B-A3B-shaped decode step, NOTES_moe_offload.md) a
+demand copy is two host-memory slices read at ~50 GB/s (0.19 ms for a 9.4 MB expert), and XLA
+reads the loop's condition on the host at every iteration: ~70 us of idle device a copy.
 ``copy_chunk`` (``TPU_PLUGIN_MOE_OFFLOAD_COPY_CHUNK``) issues that many copies an iteration,
-the last iteration's spares written to the trash slot.
+the last iteration's spares written to the trash slot (measured: spare bytes cost more than the
+syncs saved, so the default stays 1). Each layer's kernel output is tied to the cache arrays
+(:func:`after_reads`) so that the next layer's loop updates them in place even when routing
+does not depend on the hidden state (a declared router); without it the compiler copied the
+whole cache at every layer.
 """
 
 from __future__ import annotations
@@ -225,6 +230,16 @@ def wrap_forward(
 def fetch(host: jax.Array, key: jax.Array, device: jax.sharding.Sharding) -> jax.Array:
     """Row ``key`` of a host stack, copied to device memory (``[1, ...]``)."""
     return jax.device_put(lax.dynamic_index_in_dim(host, key, keepdims=True), device)
+
+
+def after_reads(out: jax.Array, cache: ExpertCache) -> tuple[jax.Array, ExpertCache]:
+    """The cache arrays as values that exist only once the kernel that read them (``out``)
+    has run: the next layer's copy loop then updates them in place. Without this tie the XLA
+    GPU and CPU compilers copy the whole cache before every layer's loop (measured on the
+    H200: 1.7 ms a layer for a 3.6 GB cache, 20.8 ms of a 45 ms 12-layer step;
+    ``benchmarks/offload_cache_copies.py``); the TPU compiler orders them without it."""
+    out, gate_up, down = lax.optimization_barrier((out, cache.gate_up, cache.down))
+    return out, cache._replace(gate_up=gate_up, down=down)
 
 
 class StepTrace:
@@ -418,9 +433,11 @@ class StepTrace:
             # The resident path's row tile (picked from the model's expert count), so the
             # tiles hold the same rows and every row's matmuls are the same.
             kwargs["block_m"] = xla.pick_block_m(x.shape[0] * top_k, self.spec.num_experts)
-        return self.kernel(
+        out = self.kernel(
             x, weights, slots, self.cache.gate_up, self.cache.down, activation=activation, **kwargs
         )
+        out, self.cache = after_reads(out, self.cache)
+        return out
 
     def _one_pass(self, layer, x, weights, ids, flat, needed, activation):
         spec = self.spec

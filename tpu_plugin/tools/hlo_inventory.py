@@ -292,6 +292,17 @@ def classify(opcode: str, kind: str, ops: dict[str, int], sources: dict[str, int
     return "other"
 
 
+def copies_of(text: str, shapes: Iterable[Sequence[int]]) -> int:
+    """How many ``copy`` instructions of optimized HLO text produce an array of one of
+    ``shapes`` (any element type, any layout): a buffer the compiler could not update in place,
+    e.g. MoE offload's expert cache (``benchmarks/offload_cache_copies.py``)."""
+    total = 0
+    for shape in shapes:
+        dims = ",".join(map(str, shape))
+        total += len(re.findall(r"= \w+\[" + dims + r"\]\S* copy\(", text))
+    return total
+
+
 def inventory(text: str) -> list[Kernel]:
     """The launched instructions of the entry computation, in program order (module doc)."""
     module = HloModule(text)
