@@ -5,9 +5,11 @@
 The H200 profile of an offloaded decode step (``bench_moe_offload.py --profile``, NOTES) shows,
 before every MoE layer's demand-copy loop, two device-to-device copies of the whole expert
 cache (gate/up 2.4 GB in 1.13 ms, down in 0.57 ms: 20.8 of a 45 ms step at 12 layers). The
-CPU compiler makes them too (2 a layer in a 2-layer smoke model's HLO); the TPU compiler's HLO
-of the same program has none. This probe writes a Qwen3-30B-A3B-shaped checkpoint with ``--layers``
-layers, and for each variant, in a child process of its own (XLA flags are read once):
+CPU compiler makes them too (2 a layer in a 2-layer smoke model's HLO); the TPU compiler made
+them for Qwen3-30B-A3B with an 8 GiB cache even under the model's own router (the planner's
+"HLO temporaries 22.45G exceed" on v5e). This probe writes a Qwen3-30B-A3B-shaped checkpoint
+with ``--layers`` layers, and for each variant, in a child process of its own (XLA flags are
+read once):
 
 * ``base``: the plugin as it is: each layer's fused-MoE output and the cache arrays tied by
   ``lax.optimization_barrier`` (``moe_offload.after_reads``), so the next layer's loop starts
